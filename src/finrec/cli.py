@@ -1,0 +1,255 @@
+"""The ``finrec`` command line. Commands are verbs; every option is explained in ``--help``.
+
+Settings come from ``--config FILE`` (or ``$FINREC_CONFIG``, or ``./finrec.toml``)
+and ``FINREC_*`` variables; flags override both. Problems the user can fix are
+printed as one clear message with a hint, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from finrec.config import FinrecSettings, load_settings, resolve_config_file
+from finrec.errors import DataValidationError, FinrecError
+
+app = typer.Typer(
+    name="finrec",
+    help="Recommendation engine for financial products: synthetic world, data validation, "
+    "two-stage model and a guarded real-time API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the resolved settings.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _settings(ctx: typer.Context) -> FinrecSettings:
+    settings: FinrecSettings = ctx.obj["settings"]
+    return settings
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML settings file. Default: $FINREC_CONFIG, else ./finrec.toml if it exists. "
+            "FINREC_* environment variables override it (nested keys joined by __).",
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = {"settings": load_settings(config), "config_file": resolve_config_file(config, os.environ)}
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the dataset to (created).")],
+    users: Annotated[int | None, typer.Option(help="Number of customers. Default from settings: 20000.")] = None,
+    products: Annotated[
+        int | None, typer.Option(help="Number of products, at least 10 (one per category). Default: 300.")
+    ] = None,
+    months: Annotated[int | None, typer.Option(help="Months of funnel events, 1-120. Default: 12.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; the same seed gives identical tables. Default: 7.")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="First day of the period, YYYY-MM-DD; the period must end in the past.")
+    ] = None,
+    sessions_per_month: Annotated[
+        float | None, typer.Option(help="Mean recommendation sessions per customer and month. Default: 0.7.")
+    ] = None,
+    slate_size: Annotated[int | None, typer.Option(help="Products shown per session, 1-20. Default: 5.")] = None,
+    drift_month: Annotated[
+        int | None,
+        typer.Option(help="Inject a rate shock from this month (1-based): demand shifts from deposits to loans."),
+    ] = None,
+    drift_strength: Annotated[float, typer.Option(help="Size of the rate shock, in logit units.")] = 1.0,
+    missing_rate: Annotated[
+        float, typer.Option(help="Share of missing values in optional customer columns (income, credit score...).")
+    ] = 0.02,
+    fmt: Annotated[str, typer.Option("--format", help="Table format: parquet or csv.")] = "parquet",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    validate: Annotated[bool, typer.Option(help="Validate the written dataset against the contract.")] = True,
+) -> None:
+    """Generate a synthetic financial world: customers, products, funnel events and their ground truth.
+
+    Writes users, products and events in the data contract (docs/data.md), a
+    ground_truth/ folder with every customer's true preferences, and a manifest.
+    """
+    from finrec.data.synthetic.generate import WorldConfig, generate_world
+
+    g = _settings(ctx).generate
+    cfg = WorldConfig(
+        users=users if users is not None else g.users,
+        products=products if products is not None else g.products,
+        months=months if months is not None else g.months,
+        seed=seed if seed is not None else g.seed,
+        start=start if start is not None else g.start,
+        sessions_per_month=sessions_per_month if sessions_per_month is not None else g.sessions_per_month,
+        slate_size=slate_size if slate_size is not None else g.slate_size,
+        drift_month=drift_month,
+        drift_strength=drift_strength,
+        missing_rate=missing_rate,
+        format=fmt,  # type: ignore[arg-type]
+    )
+    summary = generate_world(cfg, out_dir, overwrite=overwrite, progress=True)
+    _print_counts(summary.counts, f"Generated {out_dir} in {summary.seconds:.1f} s")
+    if validate:
+        _validate_or_exit(ctx, out_dir, quiet=True)
+
+
+def _print_counts(counts: dict[str, int], title: str) -> None:
+    table = Table(title=title, show_header=True)
+    table.add_column("table / event type")
+    table.add_column("rows", justify="right")
+    for k, v in counts.items():
+        table.add_row(k, f"{v:,}")
+    out.print(table)
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+
+def _validate_or_exit(ctx: typer.Context, data: Path, quiet: bool = False, json_out: Path | None = None) -> None:
+    from finrec.data.validate import validate_dataset
+
+    v = _settings(ctx).validation
+    report = validate_dataset(data, future_tolerance_seconds=v.future_tolerance_seconds, max_examples=v.max_examples)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=1))
+    if not quiet or not report.ok:
+        report.render(out)
+    if not report.ok:
+        raise DataValidationError(report)
+    if quiet:
+        out.print(f"[green]valid[/]: {data} meets the data contract ({len(report.warnings)} warnings)")
+
+
+@app.command()
+def validate(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder with users, products and events tables.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+) -> None:
+    """Check a dataset against the data contract and report every problem at once.
+
+    Exit code 0: valid (warnings allowed); 1: the data breaks the contract; 2: usage error
+    (for example the folder or a table is missing).
+    """
+    _validate_or_exit(ctx, data, json_out=json_out)
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+@config_app.command("show")
+def config_show(
+    ctx: typer.Context,
+    fmt: Annotated[str, typer.Option("--format", help="Output format: toml or json.")] = "toml",
+) -> None:
+    """Print the resolved settings (defaults < file < FINREC_* variables)."""
+    settings = _settings(ctx)
+    data = settings.model_dump(mode="json")
+    source = ctx.obj["config_file"]
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+        return
+    if fmt != "toml":
+        raise FinrecError(f"unknown --format {fmt!r}", hint="use toml or json")
+    print(f"# resolved settings; file: {source or '(none)'}; FINREC_* variables applied")
+    print(_to_toml(data))
+
+
+def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in scalars.items()]
+    for k, v in tables.items():
+        name = f"{prefix}{k}"
+        lines += ["", f"[{name}]", _to_toml(v, prefix=f"{name}.")]
+    return "\n".join(lines).strip("\n")
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    workspace: Annotated[
+        Path | None, typer.Option(help="Folder for the demo's data (and later models). Default: settings.workspace.")
+    ] = None,
+    regenerate: Annotated[bool, typer.Option(help="Generate the world again even if it already exists.")] = False,
+) -> None:
+    """Run the main job on embedded defaults: generate the default synthetic world, validate it, ...
+
+    Later stages (training, evaluation, the API on port 8000) run here as they land;
+    what is not built yet is said plainly, never faked.
+    """
+    from finrec.artifacts import read_manifest
+    from finrec.data.synthetic.generate import WorldConfig, generate_world
+
+    settings = _settings(ctx)
+    ws = workspace or settings.workspace
+    data = ws / "data"
+    g = settings.generate
+    cfg = WorldConfig(
+        users=g.users, products=g.products, months=g.months, seed=g.seed, start=g.start,
+        sessions_per_month=g.sessions_per_month, slate_size=g.slate_size,
+    )  # fmt: skip
+    reuse = False
+    if data.is_dir() and not regenerate:
+        try:
+            reuse = read_manifest(data, "dataset")["config"]["generator"] == asdict(cfg)
+        except (FinrecError, KeyError):
+            reuse = False
+    out.rule("[bold]1. synthetic world")
+    if reuse:
+        out.print(f"reusing {data} (same settings; --regenerate to rebuild)")
+    else:
+        summary = generate_world(cfg, data, overwrite=True, progress=True)
+        _print_counts(summary.counts, f"Generated {data} in {summary.seconds:.1f} s")
+    out.rule("[bold]2. validation")
+    _validate_or_exit(ctx, data, quiet=True)
+    out.rule("[bold]3. training, evaluation, API")
+    out.print(
+        "[yellow]not built yet[/]: two-stage training and offline evaluation (issue #3) and the API on "
+        "http://127.0.0.1:8000 (issue #4) will run here once they land. Nothing is served."
+    )
+
+
+def main() -> None:
+    """Entry point: run the app, turning user-fixable problems into a message and an exit code."""
+    try:
+        app()
+    except FinrecError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}")
+        if exc.hint:
+            err.print(f"[dim]hint:[/] {exc.hint}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

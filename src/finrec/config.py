@@ -1,0 +1,185 @@
+"""Settings: embedded defaults, then a TOML file, then ``FINREC_*`` variables.
+
+Precedence, highest first: values passed in code (CLI flags), environment
+variables (``FINREC_EVENTS__GRADES__APPLY=3``; nested keys joined by ``__``),
+the TOML file (``--config``, else ``$FINREC_CONFIG``, else ``./finrec.toml`` if
+it exists), the defaults below. Unknown keys are rejected so a typo never goes
+unnoticed. Settings are read at the edges (CLI, app factory) and handed down as
+plain values; library code never reads the environment.
+
+Examples
+--------
+>>> s = load_settings()
+>>> s.events.grades["approve"] > s.events.grades["click"]
+True
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from finrec.data.contract import EVENT_TYPES
+from finrec.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "finrec.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EventSettings(_Section):
+    """How events are read as relevance."""
+
+    grades: dict[str, int] = Field(
+        default_factory=lambda: {
+            "impression": 0,
+            "view": 1,
+            "click": 2,
+            "apply": 3,
+            "decline": 3,
+            "approve": 4,
+            "hold": 4,
+            "close": 0,
+        },
+        description="Relevance grade of each event type (a user-product pair takes its highest grade).",
+    )
+
+    @field_validator("grades")
+    @classmethod
+    def _known_types(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(v) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
+        missing = sorted(set(EVENT_TYPES) - set(v))
+        if missing:
+            raise ValueError(f"no grade for event types {missing}; give every type a grade")
+        if any(g < 0 for g in v.values()):
+            raise ValueError("grades must be >= 0")
+        return v
+
+
+class ValidationSettings(_Section):
+    """Tolerances of `finrec validate`."""
+
+    future_tolerance_seconds: int = Field(
+        300, ge=0, description="Timestamps up to this far past the current time are accepted (clock skew)."
+    )
+    max_examples: int = Field(5, ge=1, le=100, description="Example rows shown per problem.")
+
+
+class GenerateSettings(_Section):
+    """Defaults of `finrec generate` (each is also a flag)."""
+
+    users: int = Field(20_000, ge=1, description="Number of customers.")
+    products: int = Field(300, ge=10, description="Number of products (at least one per category).")
+    months: int = Field(12, ge=1, le=120, description="Months of funnel events.")
+    seed: int = Field(7, description="Random seed; the same seed gives byte-identical tables.")
+    start: str = Field("2024-01-01", description="First day of the simulated period (YYYY-MM-DD).")
+    sessions_per_month: float = Field(0.7, gt=0, description="Mean recommendation sessions per customer per month.")
+    slate_size: int = Field(5, ge=1, le=20, description="Products shown per session.")
+
+
+class FinrecSettings(BaseSettings):
+    """All finrec settings. See ``finrec config show`` for the resolved values."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FINREC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    workspace: Path = Field(Path("finrec-workspace"), description="Where `finrec demo` writes data and models.")
+    protected_attributes: list[str] = Field(
+        default_factory=lambda: ["gender", "age"],
+        description="User columns never used as model features; used only to audit fairness.",
+    )
+    events: EventSettings = Field(default_factory=EventSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Overrides (CLI flags) > FINREC_* environment > TOML file > defaults.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def resolve_config_file(config_file: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The TOML file to read: the explicit one, ``$FINREC_CONFIG``, or ``./finrec.toml`` if present."""
+    if config_file is not None:
+        return config_file
+    if environ.get("FINREC_CONFIG"):
+        return Path(environ["FINREC_CONFIG"])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """pydantic-settings ignores unknown variables; a typo must not pass silently."""
+    known = set(FinrecSettings.model_fields)
+    bad = sorted(
+        k
+        for k in environ
+        if k.startswith("FINREC_") and k != "FINREC_CONFIG" and k[7:].lower().split("__")[0] not in known
+    )
+    if bad:
+        raise ConfigError(
+            f"unknown setting variable{'s' if len(bad) > 1 else ''} {', '.join(bad)}",
+            hint=f"known top-level settings: {', '.join(sorted(known))} (nested keys joined by `__`)",
+        )
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> FinrecSettings:
+    """Resolve settings from defaults, a TOML file, ``FINREC_*`` variables and overrides.
+
+    Parameters
+    ----------
+    config_file
+        TOML file; ``None`` falls back to ``$FINREC_CONFIG`` then ``./finrec.toml``.
+    overrides
+        Top-level keys set by the caller (e.g. CLI flags); highest precedence.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not valid TOML, or a key or value is invalid.
+    """
+    path = resolve_config_file(config_file, os.environ)
+    _check_env_names(os.environ)
+    cls: type[FinrecSettings] = FinrecSettings
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist", hint="pass an existing TOML file or unset FINREC_CONFIG")
+        try:
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        cls = type("FinrecSettingsFromFile", (FinrecSettings,), {"model_config": {**FinrecSettings.model_config, "toml_file": path}})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors())
+        source = f"file {path} or FINREC_* variables" if path else "FINREC_* variables or flags"
+        raise ConfigError(
+            f"invalid settings ({source}): {problems}",
+            hint="`finrec config show` prints the resolved settings; nested keys in variables use `__`, "
+            "e.g. FINREC_GENERATE__USERS=1000",
+        ) from None

@@ -1,0 +1,1 @@
+"""Data: the contract, reading and validating datasets, and the synthetic world."""

@@ -1,0 +1,1 @@
+"""The synthetic financial world: customers, catalogue, ground truth and funnel events."""

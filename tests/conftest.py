@@ -1,0 +1,18 @@
+"""Shared fixtures: small synthetic worlds, generated once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finrec.data.synthetic.generate import generate_world
+from finrec.testing import SMALL_WORLD
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6k-customer, 60-product, 6-month world in Parquet (about a second to make)."""
+    out = tmp_path_factory.mktemp("worlds") / "small"
+    generate_world(SMALL_WORLD, out, progress=False)
+    return out
