@@ -84,8 +84,14 @@ def code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def write_manifest(folder: Path, kind: str, *, config: dict[str, Any], inputs: dict[str, Any] | None = None,
-                   metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_manifest(
+    folder: Path,
+    kind: str,
+    *,
+    config: dict[str, Any],
+    inputs: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write ``manifest.json`` listing every file under ``folder`` with its size and sha256."""
     files = {
         str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}

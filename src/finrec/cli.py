@@ -69,7 +69,9 @@ def generate(
         int | None, typer.Option(help="Number of products, at least 10 (one per category). Default: 300.")
     ] = None,
     months: Annotated[int | None, typer.Option(help="Months of funnel events, 1-120. Default: 12.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed; the same seed gives identical tables. Default: 7.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed; the same seed gives identical tables. Default: 7.")
+    ] = None,
     start: Annotated[
         str | None, typer.Option(help="First day of the period, YYYY-MM-DD; the period must end in the past.")
     ] = None,

@@ -103,8 +103,8 @@ class FinrecSettings(BaseSettings):
         description="User columns never used as model features; used only to audit fairness.",
     )
     events: EventSettings = Field(default_factory=EventSettings)
-    validation: ValidationSettings = Field(default_factory=ValidationSettings)
-    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    validation: ValidationSettings = Field(default_factory=lambda: ValidationSettings())
+    generate: GenerateSettings = Field(default_factory=lambda: GenerateSettings())
 
     @classmethod
     def settings_customise_sources(
@@ -167,16 +167,24 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> FinrecSe
     cls: type[FinrecSettings] = FinrecSettings
     if path is not None:
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist", hint="pass an existing TOML file or unset FINREC_CONFIG")
+            raise ConfigError(
+                f"config file {path} does not exist", hint="pass an existing TOML file or unset FINREC_CONFIG"
+            )
         try:
             tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        cls = type("FinrecSettingsFromFile", (FinrecSettings,), {"model_config": {**FinrecSettings.model_config, "toml_file": path}})
+        cls = type(
+            "FinrecSettingsFromFile",
+            (FinrecSettings,),
+            {"model_config": {**FinrecSettings.model_config, "toml_file": path}},
+        )
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+        )
         source = f"file {path} or FINREC_* variables" if path else "FINREC_* variables or flags"
         raise ConfigError(
             f"invalid settings ({source}): {problems}",

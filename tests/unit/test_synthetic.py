@@ -19,7 +19,6 @@ from finrec.data.synthetic import params as P
 from finrec.data.synthetic.generate import WorldConfig, generate_world
 from finrec.data.synthetic.truth import GroundTruth
 from finrec.errors import ArtifactError, FinrecError
-
 from finrec.testing import SMALL_WORLD as SMALL
 
 TABLE_FILES = ("users.parquet", "products.parquet", "events.parquet", "ground_truth/users.parquet",
@@ -93,15 +92,26 @@ def test_events_lie_in_the_period_and_funnel_is_consistent(small_world: Path) ->
     start = pd.Timestamp(SMALL.start, tz="UTC")
     assert lo >= start and hi < start + pd.DateOffset(months=SMALL.months)
     # Every later funnel step has the earlier one in the same request, for the same product.
-    for later, earlier in (("view", "impression"), ("click", "view"), ("apply", "click"), ("approve", "apply"), ("decline", "apply")):
+    for later, earlier in (
+        ("view", "impression"),
+        ("click", "view"),
+        ("apply", "click"),
+        ("approve", "apply"),
+        ("decline", "apply"),
+    ):
         orphans = con.execute(f"""
             SELECT count(*) FROM events l WHERE l.event_type = '{later}' AND NOT EXISTS (
               SELECT 1 FROM events e WHERE e.event_type = '{earlier}' AND e.request_id = l.request_id
                 AND e.product_id = l.product_id AND e.timestamp <= l.timestamp)""").fetchone()[0]
         assert orphans == 0, f"{orphans} {later} events without a preceding {earlier}"
     # A request is one customer's; ids are unique.
-    assert con.execute("SELECT count(*) FROM (SELECT request_id FROM events WHERE request_id IS NOT NULL "
-                   "GROUP BY 1 HAVING count(DISTINCT user_id) > 1)").fetchone()[0] == 0
+    assert (
+        con.execute(
+            "SELECT count(*) FROM (SELECT request_id FROM events WHERE request_id IS NOT NULL "
+            "GROUP BY 1 HAVING count(DISTINCT user_id) > 1)"
+        ).fetchone()[0]
+        == 0
+    )
     assert con.execute("SELECT count(*) - count(DISTINCT event_id) FROM events").fetchone()[0] == 0
 
 
@@ -123,12 +133,17 @@ def test_nobody_ineligible_is_ever_approved(small_world: Path) -> None:
 
 
 def test_declines_happen_and_approval_rises_with_credit_score(small_world: Path) -> None:
-    df = _con(small_world).execute("""
+    df = (
+        _con(small_world)
+        .execute("""
         SELECT u.credit_score, e.event_type = 'approve' AS approved FROM events e
         JOIN users u USING (user_id) JOIN products p USING (product_id)
-        WHERE e.event_type IN ('approve', 'decline') AND p.category IN ('credit_card','personal_loan','auto_loan','mortgage')
+        WHERE e.event_type IN ('approve', 'decline')
+          AND p.category IN ('credit_card', 'personal_loan', 'auto_loan', 'mortgage')
           AND u.credit_score IS NOT NULL
-    """).df()
+    """)
+        .df()
+    )
     df["band"] = pd.qcut(df["credit_score"], 4, labels=False, duplicates="drop")
     rate = df.groupby("band")["approved"].mean().to_numpy()
     assert np.all(np.diff(rate) > 0), rate
@@ -136,10 +151,15 @@ def test_declines_happen_and_approval_rises_with_credit_score(small_world: Path)
 
 
 def test_click_through_falls_with_position(small_world: Path) -> None:
-    ctr = _con(small_world).execute("""
-        SELECT position, count(*) FILTER (WHERE event_type = 'click') / count(*) FILTER (WHERE event_type = 'impression')
+    ctr = (
+        _con(small_world)
+        .execute("""
+        SELECT position,
+               count(*) FILTER (WHERE event_type = 'click') / count(*) FILTER (WHERE event_type = 'impression')
         FROM events WHERE position IS NOT NULL GROUP BY 1 ORDER BY 1
-    """).fetchall()
+    """)
+        .fetchall()
+    )
     rates = np.array([r[1] for r in ctr])
     assert len(rates) == SMALL.slate_size
     assert np.all(np.diff(rates) < 0), rates
@@ -148,11 +168,15 @@ def test_click_through_falls_with_position(small_world: Path) -> None:
 
 def test_products_in_one_category_differ_in_conversion(small_world: Path) -> None:
     """Observed: within each category conversion rates differ beyond chance (chi-square)."""
-    df = _con(small_world).execute("""
+    df = (
+        _con(small_world)
+        .execute("""
         SELECT p.category, product_id, count(*) FILTER (WHERE event_type = 'impression') AS shown,
                count(*) FILTER (WHERE event_type IN ('click')) AS clicked
         FROM events JOIN products p USING (product_id) GROUP BY ALL HAVING shown > 0
-    """).df()
+    """)
+        .df()
+    )
     significant = 0
     for _, g in df.groupby("category"):
         if len(g) < 2:
@@ -182,7 +206,9 @@ def test_generator_follows_its_ground_truth(small_world: Path) -> None:
     con = _con(small_world)
     gt = GroundTruth.load(small_world / "ground_truth")
     views = con.execute("SELECT user_id, product_id, request_id FROM events WHERE event_type = 'view'").df()
-    clicks = con.execute("SELECT DISTINCT request_id, product_id, 1 AS clicked FROM events WHERE event_type = 'click'").df()
+    clicks = con.execute(
+        "SELECT DISTINCT request_id, product_id, 1 AS clicked FROM events WHERE event_type = 'click'"
+    ).df()
     views = views.merge(clicks, on=["request_id", "product_id"], how="left").fillna({"clicked": 0})
     util = gt.utility(gt.user_index(views["user_id"]), gt.product_index(views["product_id"]))
     views["p_click"] = gt.click_prob(util)
@@ -224,11 +250,15 @@ def test_drift_shifts_demand_from_deposits_to_loans(tmp_path: Path) -> None:
     for name, drift in (("plain", None), ("drift", 5)):
         out = tmp_path / name
         generate_world(dataclasses.replace(base, drift_month=drift, drift_strength=1.5), out, progress=False)
-        shares[name] = _con(out).execute("""
+        shares[name] = (
+            _con(out)
+            .execute("""
             SELECT month(timestamp) >= 5 AS late,
                    avg((category IN ('savings', 'term_deposit'))::INT) AS deposit_share
             FROM events JOIN products USING (product_id) WHERE event_type = 'apply' GROUP BY 1 ORDER BY 1
-        """).fetchall()
+        """)
+            .fetchall()
+        )
     (_, plain_early), (_, plain_late) = shares["plain"]
     (_, drift_early), (_, drift_late) = shares["drift"]
     assert drift_early == pytest.approx(plain_early, abs=0.02)  # same seed: identical before the shock
@@ -286,8 +316,9 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
     slate=st.integers(1, 8),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_any_small_world_is_consistent(tmp_path_factory: pytest.TempPathFactory, users: int, products: int,
-                                       months: int, slate: int, seed: int) -> None:
+def test_any_small_world_is_consistent(
+    tmp_path_factory: pytest.TempPathFactory, users: int, products: int, months: int, slate: int, seed: int
+) -> None:
     out = tmp_path_factory.mktemp("hyp") / "w"
     cfg = WorldConfig(users=users, products=products, months=months, slate_size=slate, seed=seed)
     summary = generate_world(cfg, out, progress=False)

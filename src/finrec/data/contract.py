@@ -22,10 +22,10 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """Logical type of a column, independent of how the file stores it."""
 
     ID = "id"  # integer or string; compared as text
@@ -145,9 +145,15 @@ USERS = TableSpec(
         Column(
             "employment_status",
             Kind.STRING,
-            description="Free text; the well-known values are " + ", ".join(f"`{s}`" for s in EMPLOYMENT_STATUSES) + ".",
+            description="Free text; the well-known values are "
+            + ", ".join(f"`{s}`" for s in EMPLOYMENT_STATUSES)
+            + ".",
         ),
-        Column("marketing_consent", Kind.BOOL, description="Whether the customer accepts marketing (true/false, 1/0, yes/no)."),
+        Column(
+            "marketing_consent",
+            Kind.BOOL,
+            description="Whether the customer accepts marketing (true/false, 1/0, yes/no).",
+        ),
         Column("signup_date", Kind.DATE, description="Date the customer joined."),
     ),
 )
@@ -161,8 +167,16 @@ PRODUCTS = TableSpec(
         Column("name", Kind.STRING, description="Display name."),
         Column("category", Kind.STRING, description="Product category, e.g. `credit_card`."),
         Column("provider", Kind.STRING, description="Issuing institution."),
-        Column("risk_level", Kind.INT, description="Risk of the product to the customer, 1 (lowest) to 5.", min=1, max=5),
-        Column("apr", Kind.FLOAT, description="Annual percentage rate charged, in percent (19.9 means 19.9%).", min=0, max=100),
+        Column(
+            "risk_level", Kind.INT, description="Risk of the product to the customer, 1 (lowest) to 5.", min=1, max=5
+        ),
+        Column(
+            "apr",
+            Kind.FLOAT,
+            description="Annual percentage rate charged, in percent (19.9 means 19.9%).",
+            min=0,
+            max=100,
+        ),
         Column("apy", Kind.FLOAT, description="Annual percentage yield paid, in percent.", min=0, max=100),
         Column("annual_fee", Kind.FLOAT, description="Yearly fee or premium in the dataset's currency.", min=0),
         Column("min_credit_score", Kind.FLOAT, description="Lowest credit score accepted.", min=0, max=1000),
@@ -199,9 +213,13 @@ EVENTS = TableSpec(
             description="When it happened: ISO 8601 text or a Parquet timestamp; naive values are read as UTC. "
             "Must not be in the future.",
         ),
-        Column("event_id", Kind.ID, description="Idempotency key: the same id twice is the same event delivered twice."),
+        Column(
+            "event_id", Kind.ID, description="Idempotency key: the same id twice is the same event delivered twice."
+        ),
         Column("request_id", Kind.ID, description="The recommendation request (slate) this event answers."),
-        Column("position", Kind.INT, description="1-based position of the product in the slate it was shown in.", min=1),
+        Column(
+            "position", Kind.INT, description="1-based position of the product in the slate it was shown in.", min=1
+        ),
         Column("channel", Kind.STRING, description="Where it happened, e.g. `app`, `web`, `email`, `branch`."),
     ),
 )

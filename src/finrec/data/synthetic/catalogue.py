@@ -123,9 +123,14 @@ def make_catalogue(n_products: int, n_days: int, rng: np.random.Generator) -> Ca
         apr[m] = np.round(lo + (hi - lo) * u[m], 2)
 
     apy = nan.copy()
-    for c, lo, hi in (("savings", 0.5, 4.5), ("term_deposit", 2.0, 5.5), ("current_account", 0.0, 1.0)):
+    deposit_rates: tuple[tuple[str, float, float], ...] = (
+        ("savings", 0.5, 4.5),
+        ("term_deposit", 2.0, 5.5),
+        ("current_account", 0.0, 1.0),
+    )
+    for c, lo_apy, hi_apy in deposit_rates:
         m = cat_is(c)
-        apy[m] = np.round(lo + (hi - lo) * rng.random(m.sum()), 2)
+        apy[m] = np.round(lo_apy + (hi_apy - lo_apy) * rng.random(m.sum()), 2)
     cur = cat_is("current_account")
     apy[cur & (rng.random(M) < 0.5)] = 0.0
 
@@ -143,7 +148,12 @@ def make_catalogue(n_products: int, n_days: int, rng: np.random.Generator) -> Ca
     # Eligibility: stricter rules tend to come with better prices (a real trade-off).
     price_rank = np.where(np.isnan(apr), 0.5, 1 - _zscore_within(apr, category).clip(-2, 2) / 4 - 0.5)
     min_credit = nan.copy()
-    for c, lo, hi in (("credit_card", 560, 760), ("personal_loan", 580, 720), ("auto_loan", 560, 700), ("mortgage", 620, 740)):
+    for c, lo, hi in (
+        ("credit_card", 560, 760),
+        ("personal_loan", 580, 720),
+        ("auto_loan", 560, 700),
+        ("mortgage", 620, 740),
+    ):
         m = cat_is(c)
         t = np.clip(0.6 * price_rank[m] + 0.4 * rng.random(m.sum()), 0, 1)
         min_credit[m] = np.round(lo + (hi - lo) * t, -1)
@@ -188,21 +198,28 @@ def make_catalogue(n_products: int, n_days: int, rng: np.random.Generator) -> Ca
 
     term = nan.copy()
     term[cat_is("term_deposit")] = rng.choice([6, 12, 24, 36, 60], size=cat_is("term_deposit").sum())
-    for c, choices in (("personal_loan", [12, 24, 36, 48, 60]), ("auto_loan", [24, 36, 48, 60, 72, 84]), ("mortgage", [180, 240, 300, 360])):
+    for c, choices in (
+        ("personal_loan", [12, 24, 36, 48, 60]),
+        ("auto_loan", [24, 36, 48, 60, 72, 84]),
+        ("mortgage", [180, 240, 300, 360]),
+    ):
         m = cat_is(c)
         term[m] = rng.choice(choices, size=m.sum())
 
     tiers = [rng.choice(_TIERS[P.CATEGORIES[c]]) for c in category]
     names = np.array(
-        [f"{provider_names[p]} {t} {_LABELS[P.CATEGORIES[c]]}" for p, t, c in zip(provider, tiers, category, strict=True)],
+        [
+            f"{provider_names[p]} {t} {_LABELS[P.CATEGORIES[c]]}"
+            for p, t, c in zip(provider, tiers, category, strict=True)
+        ],
         dtype=object,
     )
     # Disambiguate repeated names with a series number, as real product ranges do.
     seen: dict[str, int] = {}
-    for i, nm in enumerate(names):
+    for k, nm in enumerate(names.tolist()):
         seen[nm] = seen.get(nm, 0) + 1
         if seen[nm] > 1:
-            names[i] = f"{nm} {seen[nm]}"
+            names[k] = f"{nm} {seen[nm]}"
 
     return Catalogue(
         product_id=np.arange(1, M + 1, dtype=np.int64),

@@ -48,7 +48,16 @@ class _Collector:
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, ...]] = []
 
-    def add(self, user, product, etype, t, request=None, position=None, channel=None) -> None:  # type: ignore[no-untyped-def]
+    def add(
+        self,
+        user: np.ndarray,
+        product: np.ndarray,
+        etype: int | np.ndarray,
+        t: np.ndarray,
+        request: np.ndarray | None = None,
+        position: np.ndarray | None = None,
+        channel: np.ndarray | None = None,
+    ) -> None:
         n = len(user)
         if n == 0:
             return
@@ -68,8 +77,8 @@ class _Collector:
     def build(self, n_requests: int) -> BlockEvents:
         cols = [np.concatenate(c) for c in zip(*self.parts, strict=True)] if self.parts else [np.empty(0)] * 7
         order = np.argsort(cols[3], kind="stable")
-        cols = [c[order] for c in cols]
-        return BlockEvents(*cols, n_requests=n_requests)
+        user, product, etype, t, request, position, channel = (c[order] for c in cols)
+        return BlockEvents(user, product, etype, t, request, position, channel, n_requests=n_requests)
 
 
 class LoggingPolicy:

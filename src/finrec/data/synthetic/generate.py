@@ -152,8 +152,9 @@ def _users_table(c: Customers, start: str, missing_rate: float, rng: np.random.G
     )
 
 
-def _events_table(ev: BlockEvents, user_ids: np.ndarray, product_ids: np.ndarray, event_offset: int,
-                  request_offset: int) -> pa.Table:
+def _events_table(
+    ev: BlockEvents, user_ids: np.ndarray, product_ids: np.ndarray, event_offset: int, request_offset: int
+) -> pa.Table:
     req = ev.request + request_offset
     return pa.table(
         {
@@ -196,8 +197,12 @@ def _plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_dictionary(col.type):
         return col.cast(pa.string())
     if pa.types.is_timestamp(col.type):
-        return pa.chunked_array([pa.array(np.datetime_as_string(c.to_numpy(zero_copy_only=False), unit="s"), pa.string())
-                                 for c in col.chunks]).cast(pa.string())
+        return pa.chunked_array(
+            [
+                pa.array(np.datetime_as_string(c.to_numpy(zero_copy_only=False), unit="s"), pa.string())
+                for c in col.chunks
+            ]
+        ).cast(pa.string())
     return col
 
 
@@ -292,7 +297,9 @@ def generate_world(cfg: WorldConfig, out: Path, *, overwrite: bool = False, prog
                 held = initial_holdings(truth, catalogue, policy, rng)
                 cur = held[:, P.CAT["current_account"]]
                 fallback = rng.choice(len(catalogue.provider_names), size=size, p=catalogue.provider_size)
-                users["main_provider"] = np.where(cur >= 0, catalogue.provider[np.maximum(cur, 0)], fallback).astype(np.int32)
+                users["main_provider"] = np.where(cur >= 0, catalogue.provider[np.maximum(cur, 0)], fallback).astype(
+                    np.int32
+                )
                 ev = simulate_block(truth, held, catalogue, policy, bounds, cfg.sessions_per_month, cfg.slate_size, rng)
                 mask_rng = np.random.default_rng([cfg.seed, _STREAM_MASK, b])
                 users_w.write(_users_table(cust, cfg.start, cfg.missing_rate, mask_rng))

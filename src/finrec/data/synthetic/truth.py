@@ -121,7 +121,9 @@ class GroundTruth:
         Calendar, drift and the model's coefficients.
     """
 
-    def __init__(self, users: dict[str, np.ndarray], products: dict[str, np.ndarray], info: WorldInfo, coef: Coefficients):
+    def __init__(
+        self, users: dict[str, np.ndarray], products: dict[str, np.ndarray], info: WorldInfo, coef: Coefficients
+    ):
         self.users = users
         self.products = products
         self.info = info
@@ -314,7 +316,8 @@ class GroundTruth:
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != TRUTH_FORMAT_VERSION:
             raise ArtifactError(
-                f"ground truth at {directory} has format {meta.get('format_version')}, this finrec reads {TRUTH_FORMAT_VERSION}",
+                f"ground truth at {directory} has format {meta.get('format_version')}, "
+                f"this finrec reads {TRUTH_FORMAT_VERSION}",
                 hint="regenerate the dataset with this version of `finrec generate`",
             )
         info, coef = WorldInfo(**meta["info"]), Coefficients(**meta["coefficients"])

@@ -1,0 +1,113 @@
+"""The command line, run as a user runs it: exit codes, messages, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+def finrec(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")} | (env or {})
+    full_env["COLUMNS"] = "200"  # wide console: messages are not wrapped mid-word
+    return subprocess.run(
+        [sys.executable, "-m", "finrec", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300
+    )
+
+
+def assert_clean_failure(res: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    assert res.returncode == code, res.stdout + res.stderr
+    text = res.stdout + res.stderr
+    assert "Traceback" not in text
+    for f in fragments:
+        assert f in text, text
+
+
+def test_help_explains_every_command() -> None:
+    res = finrec("--help")
+    assert res.returncode == 0
+    for cmd in ("generate", "validate", "demo", "config"):
+        assert cmd in res.stdout
+    for cmd, option in (
+        ("generate", "--drift-month"),
+        ("validate", "--json"),
+        ("demo", "--workspace"),
+        ("config", "show"),
+    ):
+        sub = finrec(cmd, "--help")
+        assert sub.returncode == 0 and option in sub.stdout, sub.stdout
+
+
+def test_generate_then_validate(tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    res = finrec("generate", "--users", "300", "--products", "20", "--months", "2", "--seed", "5", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "valid" in res.stdout
+    assert len(pd.read_parquet(out / "users.parquet")) == 300
+    report = tmp_path / "report.json"
+    res = finrec("validate", "--data", str(out), "--json", str(report))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(report.read_text())["problems"] is not None
+
+    # Existing output is refused with a hint and left alone.
+    assert_clean_failure(finrec("generate", "--users", "10", "--out", str(out)), 2, "--overwrite")
+    assert len(pd.read_parquet(out / "users.parquet")) == 300
+
+
+def test_generate_csv_and_invalid_parameters(tmp_path: Path) -> None:
+    res = finrec(
+        "generate",
+        "--users",
+        "50",
+        "--products",
+        "10",
+        "--months",
+        "1",
+        "--format",
+        "csv",
+        "--out",
+        str(tmp_path / "c"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "c" / "events.csv").exists()
+    assert_clean_failure(finrec("generate", "--start", "2099-01-01", "--out", str(tmp_path / "f")), 2, "in the future")
+    assert_clean_failure(finrec("generate", "--products", "3", "--out", str(tmp_path / "f")), 2, "at least 10")
+    assert not (tmp_path / "f").exists()
+
+
+def test_validate_refuses_broken_data_with_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    assert finrec("generate", "--users", "100", "--products", "12", "--months", "1", "--out", str(out)).returncode == 0
+    ev = pd.read_parquet(out / "events.parquet")
+    ev.loc[ev.index[:3], "event_type"] = "like"
+    ev.drop(columns=["timestamp"]).to_parquet(out / "events.parquet")
+    res = finrec("validate", "--data", str(out))
+    assert_clean_failure(res, 1, "timestamp")
+    assert_clean_failure(finrec("validate", "--data", str(tmp_path / "absent")), 2, "absent")
+
+
+def test_config_show_reflects_file_and_environment(tmp_path: Path) -> None:
+    (tmp_path / "finrec.toml").write_text("[generate]\nmonths = 4\n")
+    res = finrec("config", "show", env={"FINREC_GENERATE__USERS": "123"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "users = 123" in res.stdout and "months = 4" in res.stdout and "finrec.toml" in res.stdout
+    res = finrec("config", "show", "--format", "json", cwd=tmp_path)
+    assert json.loads(res.stdout)["generate"]["months"] == 4
+    assert_clean_failure(finrec("config", "show", env={"FINREC_GENERATE__USERS": "lots"}), 2, "generate.users")
+    assert_clean_failure(finrec("config", "show", env={"FINREC_NOPE": "1"}), 2, "FINREC_NOPE")
+    assert_clean_failure(finrec("--config", str(tmp_path / "missing.toml"), "config", "show"), 2, "does not exist")
+
+
+@pytest.mark.slow
+def test_demo_runs_what_exists_and_says_what_does_not(tmp_path: Path) -> None:
+    env = {"FINREC_GENERATE__USERS": "400", "FINREC_GENERATE__PRODUCTS": "20", "FINREC_GENERATE__MONTHS": "2"}
+    res = finrec("demo", "--workspace", str(tmp_path / "ws"), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "valid" in res.stdout and "not built yet" in res.stdout
+    again = finrec("demo", "--workspace", str(tmp_path / "ws"), env=env)
+    assert again.returncode == 0 and "reusing" in again.stdout
