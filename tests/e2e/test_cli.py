@@ -84,10 +84,11 @@ def test_validate_refuses_broken_data_with_the_report(tmp_path: Path) -> None:
     out = tmp_path / "w"
     assert finrec("generate", "--users", "100", "--products", "12", "--months", "1", "--out", str(out)).returncode == 0
     ev = pd.read_parquet(out / "events.parquet")
+    ev["event_type"] = ev["event_type"].astype(str)
     ev.loc[ev.index[:3], "event_type"] = "like"
     ev.drop(columns=["timestamp"]).to_parquet(out / "events.parquet")
     res = finrec("validate", "--data", str(out))
-    assert_clean_failure(res, 1, "timestamp")
+    assert_clean_failure(res, 1, "missing_column", "timestamp", "unknown_event_type", "like")
     assert_clean_failure(finrec("validate", "--data", str(tmp_path / "absent")), 2, "absent")
 
 

@@ -55,6 +55,9 @@ class Column:
         Inclusive bounds for numeric columns; values outside are errors.
     allowed
         For string columns with a closed vocabulary, the allowed values.
+    missing_means
+        What an empty value means when that is a normal state (e.g. "no rule"),
+        so validation does not warn about it; ``None`` when it is a gap in the data.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Column:
     min: float | None = None
     max: float | None = None
     allowed: tuple[str, ...] | None = None
+    missing_means: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,17 +180,42 @@ PRODUCTS = TableSpec(
             description="Annual percentage rate charged, in percent (19.9 means 19.9%).",
             min=0,
             max=100,
+            missing_means="not a credit product",
         ),
-        Column("apy", Kind.FLOAT, description="Annual percentage yield paid, in percent.", min=0, max=100),
+        Column(
+            "apy",
+            Kind.FLOAT,
+            description="Annual percentage yield paid, in percent.",
+            min=0,
+            max=100,
+            missing_means="pays no interest",
+        ),
         Column("annual_fee", Kind.FLOAT, description="Yearly fee or premium in the dataset's currency.", min=0),
-        Column("min_credit_score", Kind.FLOAT, description="Lowest credit score accepted.", min=0, max=1000),
-        Column("min_income", Kind.FLOAT, description="Lowest annual income accepted.", min=0),
-        Column("min_age", Kind.INT, description="Youngest age accepted (inclusive).", min=0, max=120),
-        Column("max_age", Kind.INT, description="Oldest age accepted (inclusive).", min=0, max=120),
+        Column(
+            "min_credit_score",
+            Kind.FLOAT,
+            description="Lowest credit score accepted.",
+            min=0,
+            max=1000,
+            missing_means="no rule",
+        ),
+        Column("min_income", Kind.FLOAT, description="Lowest annual income accepted.", min=0, missing_means="no rule"),
+        Column(
+            "min_age",
+            Kind.INT,
+            description="Youngest age accepted (inclusive).",
+            min=0,
+            max=120,
+            missing_means="no rule",
+        ),
+        Column(
+            "max_age", Kind.INT, description="Oldest age accepted (inclusive).", min=0, max=120, missing_means="no rule"
+        ),
         Column(
             "regions",
             Kind.STRING,
             description="Where the product is offered: `*` for everywhere or a comma-separated list of region codes.",
+            missing_means="offered everywhere",
         ),
         Column("launch_date", Kind.DATE, description="Date the product became available."),
     ),
@@ -216,11 +245,25 @@ EVENTS = TableSpec(
         Column(
             "event_id", Kind.ID, description="Idempotency key: the same id twice is the same event delivered twice."
         ),
-        Column("request_id", Kind.ID, description="The recommendation request (slate) this event answers."),
         Column(
-            "position", Kind.INT, description="1-based position of the product in the slate it was shown in.", min=1
+            "request_id",
+            Kind.ID,
+            description="The recommendation request (slate) this event answers.",
+            missing_means="not part of a recommendation (e.g. `hold`, `close`)",
         ),
-        Column("channel", Kind.STRING, description="Where it happened, e.g. `app`, `web`, `email`, `branch`."),
+        Column(
+            "position",
+            Kind.INT,
+            description="1-based position of the product in the slate it was shown in.",
+            min=1,
+            missing_means="not shown in a slate",
+        ),
+        Column(
+            "channel",
+            Kind.STRING,
+            description="Where it happened, e.g. `app`, `web`, `email`, `branch`.",
+            missing_means="unknown channel",
+        ),
     ),
 )
 

@@ -7,9 +7,9 @@ Tables are streamed to Parquet (or CSV) one block at a time.
 
 Examples
 --------
->>> from pathlib import Path
+>>> import tempfile
 >>> cfg = WorldConfig(users=200, products=20, months=2, seed=1)
->>> summary = generate_world(cfg, Path("/tmp/finrec-doctest-world"), overwrite=True, progress=False)
+>>> summary = generate_world(cfg, Path(tempfile.mkdtemp()) / "world", progress=False)
 >>> summary.counts["users"]
 200
 """

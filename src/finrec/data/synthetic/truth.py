@@ -28,9 +28,14 @@ product the customer is not eligible for.
 
 Examples
 --------
->>> gt = GroundTruth.load("data/ground_truth")            # doctest: +SKIP
->>> gt.propensity(user_ids=[1, 1], product_ids=[3, 4])    # doctest: +SKIP
-array([0.012, 0.0004])
+>>> import tempfile
+>>> from finrec.data.synthetic.generate import WorldConfig, generate_world
+>>> world = Path(tempfile.mkdtemp()) / "world"
+>>> _ = generate_world(WorldConfig(users=50, products=12, months=1), world, progress=False)
+>>> gt = GroundTruth.load(world / "ground_truth")
+>>> p = gt.propensity(user_ids=[1, 1], product_ids=[3, 4])
+>>> p.shape, bool(((p >= 0) & (p <= 1)).all())
+((2,), True)
 """
 
 from __future__ import annotations
