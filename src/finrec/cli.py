@@ -119,7 +119,8 @@ def generate(
 
 
 def _print_counts(counts: dict[str, int], title: str) -> None:
-    table = Table(title=title, show_header=True)
+    out.print(title)
+    table = Table(show_header=True)
     table.add_column("table / event type")
     table.add_column("rows", justify="right")
     for k, v in counts.items():

@@ -99,7 +99,7 @@ class FinrecSettings(BaseSettings):
 
     workspace: Path = Field(Path("finrec-workspace"), description="Where `finrec demo` writes data and models.")
     protected_attributes: list[str] = Field(
-        default_factory=lambda: ["gender", "age"],
+        default_factory=lambda: ["gender"],
         description="User columns never used as model features; used only to audit fairness.",
     )
     events: EventSettings = Field(default_factory=EventSettings)
