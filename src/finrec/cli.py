@@ -161,6 +161,117 @@ def validate(
     _validate_or_exit(ctx, data, json_out=json_out)
 
 
+# -- train, recommend, evaluate ---------------------------------------------------------------
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (validated first; see docs/data.md).")],
+    model_dir: Annotated[
+        Path,
+        typer.Option("--model-dir", "-m", help="Where to write the model bundle (an existing bundle is replaced)."),
+    ],
+) -> None:
+    """Train the two-stage model: two-tower retrieval, approval odds and a LightGBM ranker.
+
+    Splits the events in time (retrieval windows, ranker window, held-out evaluation window;
+    see `finrec config show` [train]), trains every stage and writes a versioned bundle with a
+    manifest (data fingerprint, settings, code version, metrics). Stages without enough signal in
+    the data fall back (popularity retrieval, retrieval order) and the manifest says so.
+    """
+    from finrec import pipeline
+
+    manifest = pipeline.train(data, model_dir, _settings(ctx), progress=True)
+    m = manifest["metrics"]
+    out.print(f"[green]trained[/] {model_dir}  version {m['model_version']}")
+    for stage, kind in m["stages"].items():
+        out.print(f"  {stage}: {kind}")
+    for name, section in m["training"].items():
+        shown = {k: v for k, v in section.items() if not isinstance(v, dict | list)}
+        out.print(f"  {name}: {shown}")
+    for fb in m["fallbacks"]:
+        out.print(f"[yellow]fallback[/]: {fb}")
+    out.print(f"  seconds: {m['seconds']}")
+
+
+@app.command()
+def recommend(
+    ctx: typer.Context,
+    model_dir: Annotated[Path, typer.Option("--model-dir", "-m", help="Model bundle written by `finrec train`.")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Dataset folder: features are computed at its last event.")
+    ],
+    users: Annotated[Path, typer.Option("--users", "-u", help="Text file with one user id per line.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file, .csv or .parquet.")],
+    k: Annotated[int, typer.Option("--k", "-k", help="Recommendations per customer (1-1000).")] = 10,
+    exclude: Annotated[
+        str,
+        typer.Option(
+            help="held: leave out what the customer holds (default); interacted: also anything they interacted "
+            "with; none: leave out nothing."
+        ),
+    ] = "held",
+) -> None:
+    """Batch recommendations: columns user_id, rank, product_id, score.
+
+    Only products the customer is eligible for and suited to are recommended, and fewer than k
+    when fewer pass the rules. Customers unknown to the data get popular products that need no
+    profile to be eligible; never an error.
+    """
+    from finrec import pipeline
+
+    res = pipeline.recommend(model_dir, data, users, k, output, _settings(ctx), exclude=exclude, progress=True)
+    out.print(
+        f"[green]wrote[/] {res['rows']:,} rows for {res['users']:,} customers to {output} "
+        f"({res['unknown_users']} unknown to the data, given popularity-based picks); model {res['model_version']}"
+    )
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    model_dir: Annotated[Path, typer.Option("--model-dir", "-m", help="Model bundle written by `finrec train`.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (the held-out window is its last days).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="report.json; an HTML report with plots is written next to it.")
+    ] = Path("report.json"),
+    ground_truth: Annotated[
+        Path | None,
+        typer.Option(help="Ground truth folder for the oracle (default: DATA/ground_truth when it exists)."),
+    ] = None,
+) -> None:
+    """Offline evaluation on the held-out window against baselines and, on synthetic data, the oracle.
+
+    Models: random, popularity, popularity_eligible, two_tower, two_stage, oracle. Metrics: ndcg@k,
+    map@k, mrr, hit_rate@k, recall@k and recall@N of retrieval, coverage@k, and on synthetic data
+    true_conversion@k; bootstrap 95% intervals and a breakdown by customer segment.
+    """
+    from finrec import pipeline
+
+    report = pipeline.evaluate(model_dir, data, output, _settings(ctx), ground_truth=ground_truth, progress=True)
+    k = report["model"]["k"]
+    table = Table(title=None)
+    metrics = [f"ndcg@{k}", f"map@{k}", "mrr", f"hit_rate@{k}", f"coverage@{k}", f"true_conversion@{k}"]
+    table.add_column("model")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for name, vals in report["models"].items():
+        cells = []
+        for m in metrics:
+            v = vals.get(m)
+            cells.append(
+                "—"
+                if v is None
+                else (f"{v['mean']:.4f}" + (f" ±{(v['high'] - v['low']) / 2:.4f}" if "low" in v else ""))
+            )
+        table.add_row(name, *cells)
+    out.print(table)
+    for note in report["notes"]:
+        out.print(f"  {note}")
+    out.print(f"[green]wrote[/] {output} and {output.with_suffix('.html')}")
+
+
 # -- config -----------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -35,22 +35,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DEFAULT_GRADES = {"impression": 0, "view": 1, "click": 2, "apply": 3, "decline": 3, "approve": 4, "hold": 4, "close": 0}
+
+
 class EventSettings(_Section):
     """How events are read as relevance."""
 
     grades: dict[str, int] = Field(
-        default_factory=lambda: {
-            "impression": 0,
-            "view": 1,
-            "click": 2,
-            "apply": 3,
-            "decline": 3,
-            "approve": 4,
-            "hold": 4,
-            "close": 0,
-        },
-        description="Relevance grade of each event type (a user-product pair takes its highest grade).",
+        default_factory=lambda: dict(DEFAULT_GRADES),
+        description="Relevance grade of each event type (a user-product pair takes its highest grade). "
+        "Types left out keep their default grade.",
     )
+
+    @field_validator("grades", mode="before")
+    @classmethod
+    def _merge_defaults(cls, v: Any) -> Any:
+        # One key from a FINREC_EVENTS__GRADES__VIEW variable or a file must not drop the others.
+        return {**DEFAULT_GRADES, **v} if isinstance(v, dict) else v
 
     @field_validator("grades")
     @classmethod
@@ -58,9 +59,6 @@ class EventSettings(_Section):
         unknown = sorted(set(v) - set(EVENT_TYPES))
         if unknown:
             raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
-        missing = sorted(set(EVENT_TYPES) - set(v))
-        if missing:
-            raise ValueError(f"no grade for event types {missing}; give every type a grade")
         if any(g < 0 for g in v.values()):
             raise ValueError("grades must be >= 0")
         return v
@@ -87,6 +85,50 @@ class GenerateSettings(_Section):
     slate_size: int = Field(5, ge=1, le=20, description="Products shown per session.")
 
 
+class RulesSettings(_Section):
+    """Hard rules applied before any scoring."""
+
+    suitability_categories: list[str] | None = Field(
+        default_factory=lambda: ["investment_fund", "pension"],
+        description="Product categories whose risk_level must not exceed the customer's risk_tolerance "
+        "(null: every product with a risk level).",
+    )
+    max_risk_above_tolerance: int = Field(0, ge=0, le=4, description="Risk levels above tolerance still suitable.")
+
+
+class TrainSettings(_Section):
+    """`finrec train`: temporal split, retrieval, ranking."""
+
+    eval_days: float = Field(60, gt=0, description="Length of the held-out evaluation window (days).")
+    label_days: float = Field(60, gt=0, description="Length of each training label window (days).")
+    max_retrieval_windows: int = Field(4, ge=1, le=24, description="Label windows the retriever learns from.")
+    n_candidates: int = Field(100, ge=1, le=5000, description="Candidates retrieved per customer for the ranker.")
+    history_length: int = Field(20, ge=1, le=200, description="Recent products in the user tower's history.")
+    retrieval_min_grade: int = Field(2, ge=1, description="Lowest grade that is a positive for retrieval.")
+    max_ranker_queries: int = Field(20_000, ge=100, description="Customers sampled to train the ranker.")
+    ranker_rows: Literal["shown", "retrieved"] = Field(
+        "shown",
+        description="Ranker training rows: `shown` = what each customer was shown in the window (learns preference "
+        "given exposure, position-debiased); `retrieved` = the retriever's top candidates, unshown ones as "
+        "negatives (also learns what the past policy exposed).",
+    )
+    ranker_negatives: int = Field(50, ge=1, le=5000, description="Unlabelled candidates per customer (`retrieved`).")
+    demote_below: float = Field(0.2, ge=0, le=1, description="Approval odds below which a product is demoted.")
+    index: Literal["exact", "hnsw", "ivf"] = Field("exact", description="Candidate index (ANN for big catalogues).")
+    embedding_dim: int = Field(32, ge=4, le=512)
+    max_epochs: int = Field(40, ge=1, le=500)
+    seed: int = 0
+
+
+class EvaluateSettings(_Section):
+    """`finrec evaluate`."""
+
+    k: int = Field(10, ge=1, le=100, description="Cut-off of NDCG, MAP and hit rate.")
+    min_grade: int = Field(2, ge=1, description="Lowest grade counted as relevant (2 = click).")
+    bootstrap: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for confidence intervals.")
+    max_users: int = Field(20_000, ge=100, description="Evaluation customers sampled at most.")
+
+
 class FinrecSettings(BaseSettings):
     """All finrec settings. See ``finrec config show`` for the resolved values."""
 
@@ -105,6 +147,9 @@ class FinrecSettings(BaseSettings):
     events: EventSettings = Field(default_factory=EventSettings)
     validation: ValidationSettings = Field(default_factory=lambda: ValidationSettings())
     generate: GenerateSettings = Field(default_factory=lambda: GenerateSettings())
+    rules: RulesSettings = Field(default_factory=lambda: RulesSettings())
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings())
+    evaluate: EvaluateSettings = Field(default_factory=lambda: EvaluateSettings())
 
     @classmethod
     def settings_customise_sources(

@@ -55,7 +55,7 @@ def test_finrec_config_variable_and_default_file(tmp_path: Path, monkeypatch: py
     [
         ("[generate]\nuserz = 5\n", "generate.userz"),
         ("[generate]\nusers = 0\n", "generate.users"),
-        ("[events.grades]\nimpression = 0\n", "no grade for event types"),
+        ("[events.grades]\nclick = -1\n", "grades must be >= 0"),
         ("[events.grades]\nlike = 1\n", "unknown event types"),
         ("workspace = [\n", "not valid TOML"),
     ],
@@ -65,6 +65,12 @@ def test_bad_file_is_refused_naming_the_key(tmp_path: Path, toml: str, message: 
     cfg.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_settings(cfg)
+
+
+def test_one_grade_overrides_only_that_grade(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINREC_EVENTS__GRADES__VIEW", "0")
+    g = load_settings().events.grades
+    assert g["view"] == 0 and g["approve"] == 4 and len(g) == 8
 
 
 def test_missing_file_and_bad_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

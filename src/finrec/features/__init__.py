@@ -1,0 +1,1 @@
+"""Features: point-in-time customer, product and pair features, and the temporal split."""

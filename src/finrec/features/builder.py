@@ -1,0 +1,364 @@
+"""Point-in-time features of customers, products and (customer, product) pairs.
+
+Every feature at a cutoff is computed from events strictly before it, so
+moving an event past the cutoff cannot change anything (a test holds this).
+Aggregations run in DuckDB over the event log registered zero-copy as an
+Arrow table; the result is a pandas frame per entity, one row per dense index.
+
+* user: profile (well-known and extra columns, minus protected attributes),
+  behaviour counts over 30/90/365 days, recency, holdings, category affinity;
+* product: attributes, rule values, age since launch, demand and smoothed
+  conversion over 90 days and all history, current holders;
+* pair: eligibility margins (credit, income, age), risk gap, affinity with the
+  product's category, whether the customer holds the category or the provider,
+  and the customer's history with this very product.
+
+A dataset with only the required columns gets the behaviour and demand
+features; everything else is simply absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from finrec.data.dataset import ETYPE, Dataset
+
+DAY = 86_400
+WINDOWS = (30, 90, 365)
+_BEHAVIOUR_TYPES = ("impression", "view", "click", "apply", "approve", "decline")
+_ENGAGED = (ETYPE["click"], ETYPE["apply"], ETYPE["approve"], ETYPE["decline"])
+_OWNERSHIP = (ETYPE["approve"], ETYPE["hold"], ETYPE["close"])
+
+USER_PROFILE_NUMERIC = ("age", "income", "credit_score", "risk_tolerance", "marketing_consent")
+USER_PROFILE_CATEGORICAL = ("region", "employment_status")
+PRODUCT_NUMERIC = ("risk_level", "apr", "apy", "annual_fee", "min_credit_score", "min_income", "min_age", "max_age")
+PRODUCT_CATEGORICAL = ("category", "provider")
+_NOT_FEATURES = {"user_id", "product_id", "name", "signup_date", "launch_date", "regions"}
+
+
+@dataclass
+class Snapshot:
+    """Features of every customer and product at one cutoff, plus what pair features need."""
+
+    cutoff: int
+    users: pd.DataFrame  # one row per user row
+    products: pd.DataFrame  # one row per product row
+    user_numeric: list[str]
+    user_categorical: list[str]
+    product_numeric: list[str]
+    product_categorical: list[str]
+    held: pd.DataFrame  # columns user, product: what each customer holds at the cutoff
+    category_codes: np.ndarray  # per product, -1 when unknown
+    n_categories: int
+    category_affinity: np.ndarray  # (n_users, n_categories + 1) share of engaged events per category
+
+
+class FeatureBuilder:
+    """Computes :class:`Snapshot` and pair features for a dataset at any cutoff.
+
+    Parameters
+    ----------
+    dataset
+        A loaded dataset.
+    protected
+        User columns never used as features (e.g. ``["gender"]``).
+    """
+
+    def __init__(self, dataset: Dataset, protected: list[str] | tuple[str, ...] = ()):
+        self.ds = dataset
+        self.protected = set(protected)
+        ev = dataset.events
+        self.con = duckdb.connect()
+        self.con.execute("SET threads TO 2")
+        self.con.register(
+            "ev",
+            pa.table({"u": ev.user, "p": ev.product, "e": ev.etype, "ts": ev.ts, "pos": ev.position}),
+        )
+        products = dataset.products
+        if "category" in products.columns:
+            cats = pd.Categorical(products["category"].fillna("(none)").astype(str))
+            self.category_names = list(cats.categories)
+            self.category_codes = cats.codes.astype(np.int64)
+        else:
+            self.category_names = []
+            self.category_codes = np.full(len(products), -1, dtype=np.int64)
+        self.con.register("pcat", pa.table({"p": np.arange(len(products), dtype=np.int32), "c": self.category_codes}))
+
+    # -- snapshot ----------------------------------------------------------------------------
+    def snapshot(self, cutoff: int) -> Snapshot:
+        ds = self.ds
+        users = pd.DataFrame(index=pd.RangeIndex(ds.n_users))
+        u_num: list[str] = []
+        u_cat: list[str] = []
+        for c in ds.users.columns:
+            if c in _NOT_FEATURES or c in self.protected:
+                continue
+            s = ds.users[c]
+            if pd.api.types.is_numeric_dtype(s):
+                users[c] = s.to_numpy(dtype=np.float64)
+                u_num.append(c)
+            else:
+                users[c] = s.astype(object)
+                u_cat.append(c)
+        if "income" in users:
+            users["income"] = np.log1p(users["income"].clip(lower=0))
+        if "signup_date" in ds.users.columns:
+            users["tenure_days"] = (cutoff - ds.users["signup_date"].to_numpy(dtype=np.float64)) / DAY
+            u_num.append("tenure_days")
+
+        beh = self._user_behaviour(cutoff)
+        for c in beh.columns:
+            users[c] = beh[c].to_numpy()
+            u_num.append(c)
+        held = self.con.execute(
+            f"""SELECT u AS "user", p AS product FROM (
+                  SELECT u, p, arg_max(e, ts) AS last FROM ev
+                  WHERE ts < {cutoff} AND e IN {tuple(_OWNERSHIP)} GROUP BY u, p)
+                WHERE last <> {ETYPE["close"]}"""
+        ).df()
+        n_held = np.bincount(held["user"].to_numpy(), minlength=ds.n_users)
+        users["n_held"] = n_held.astype(np.float64)
+        u_num.append("n_held")
+        n_cat = len(self.category_names)
+        if n_cat:
+            hc = np.zeros((ds.n_users, n_cat), dtype=np.float64)
+            hc[held["user"].to_numpy(), self.category_codes[held["product"].to_numpy()]] = 1.0
+            for j, name in enumerate(self.category_names):
+                users[f"holds_{name}"] = hc[:, j]
+                u_num.append(f"holds_{name}")
+        affinity = self._category_affinity(cutoff, n_cat)
+        for j, name in enumerate(self.category_names):
+            users[f"affinity_{name}"] = affinity[:, j]
+            u_num.append(f"affinity_{name}")
+
+        products = pd.DataFrame(index=pd.RangeIndex(ds.n_products))
+        p_num: list[str] = []
+        p_cat: list[str] = []
+        for c in ds.products.columns:
+            if c in _NOT_FEATURES:
+                continue
+            s = ds.products[c]
+            if pd.api.types.is_numeric_dtype(s):
+                products[c] = s.to_numpy(dtype=np.float64)
+                p_num.append(c)
+            else:
+                products[c] = s.astype(object)
+                p_cat.append(c)
+        if "regions" in ds.products.columns:
+            spec = ds.products["regions"].fillna("*").astype(str).str.strip()
+            products["n_regions"] = [
+                0.0 if s == "*" else float(len([r for r in s.split(",") if r.strip()])) for s in spec
+            ]
+            p_num.append("n_regions")
+        if "launch_date" in ds.products.columns:
+            products["days_since_launch"] = (cutoff - ds.products["launch_date"].to_numpy(dtype=np.float64)) / DAY
+            p_num.append("days_since_launch")
+        demand = self._product_demand(cutoff)
+        for c in demand.columns:
+            products[c] = demand[c].to_numpy()
+            p_num.append(c)
+        products["holders"] = np.bincount(held["product"].to_numpy(), minlength=ds.n_products).astype(np.float64)
+        p_num.append("holders")
+        return Snapshot(
+            cutoff=cutoff,
+            users=users,
+            products=products,
+            user_numeric=u_num,
+            user_categorical=u_cat,
+            product_numeric=p_num,
+            product_categorical=p_cat,
+            held=held,
+            category_codes=self.category_codes,
+            n_categories=n_cat,
+            category_affinity=affinity,
+        )
+
+    def _user_behaviour(self, cutoff: int) -> pd.DataFrame:
+        cols = []
+        for t in _BEHAVIOUR_TYPES:
+            for w in WINDOWS:
+                cols.append(f"ln(1 + count(*) FILTER (WHERE e = {ETYPE[t]} AND ts >= {cutoff - w * DAY})) AS {t}_{w}d")
+        df = self.con.execute(
+            f"""SELECT u, {", ".join(cols)},
+                       ({cutoff} - max(ts)) / {DAY}.0 AS days_since_last_event,
+                       ({cutoff} - max(ts) FILTER (WHERE e IN {tuple(_ENGAGED)})) / {DAY}.0 AS days_since_last_click
+                FROM ev WHERE ts < {cutoff} GROUP BY u"""
+        ).df()
+        out = pd.DataFrame(index=pd.RangeIndex(self.ds.n_users))
+        rows = df["u"].to_numpy()
+        for c in df.columns:
+            if c == "u":
+                continue
+            full = np.zeros(self.ds.n_users) if not c.startswith("days_since") else np.full(self.ds.n_users, np.nan)
+            full[rows] = df[c].to_numpy(dtype=np.float64)
+            out[c] = full
+        return out
+
+    def _category_affinity(self, cutoff: int, n_cat: int) -> np.ndarray:
+        """Share of each customer's engaged events (click and later) per category; the last column is the total."""
+        aff = np.zeros((self.ds.n_users, n_cat + 1))
+        if not n_cat:
+            return aff
+        df = self.con.execute(
+            f"""SELECT ev.u, pcat.c, count(*) AS n FROM ev JOIN pcat ON ev.p = pcat.p
+                WHERE ts < {cutoff} AND e IN {tuple(_ENGAGED)} GROUP BY ALL"""
+        ).df()
+        u, c, n = df["u"].to_numpy(), df["c"].to_numpy(), df["n"].to_numpy(np.float64)
+        aff[u, c] = n
+        total = aff[:, :n_cat].sum(axis=1)
+        aff[:, :n_cat] /= np.maximum(total, 1)[:, None]
+        aff[:, n_cat] = np.log1p(total)
+        return aff
+
+    def _product_demand(self, cutoff: int) -> pd.DataFrame:
+        since = cutoff - 90 * DAY
+        df = self.con.execute(
+            f"""SELECT p,
+                  count(*) FILTER (WHERE e = {ETYPE["impression"]}) AS imp,
+                  count(*) FILTER (WHERE e = {ETYPE["click"]}) AS clk,
+                  count(*) FILTER (WHERE e = {ETYPE["apply"]}) AS app,
+                  count(*) FILTER (WHERE e = {ETYPE["approve"]}) AS apr,
+                  count(*) FILTER (WHERE e = {ETYPE["decline"]}) AS dec,
+                  count(*) FILTER (WHERE e = {ETYPE["impression"]} AND ts >= {since}) AS imp90,
+                  count(*) FILTER (WHERE e = {ETYPE["click"]} AND ts >= {since}) AS clk90,
+                  count(*) FILTER (WHERE e IN {tuple(_ENGAGED)} AND ts >= {since}) AS eng90
+                FROM ev WHERE ts < {cutoff} GROUP BY p"""
+        ).df()
+        n = self.ds.n_products
+        raw = {c: np.zeros(n) for c in df.columns if c != "p"}
+        rows = df["p"].to_numpy()
+        for c in raw:
+            raw[c][rows] = df[c].to_numpy(np.float64)
+        # Smoothed rates shrink towards the catalogue rate, so a product seen 3 times is not "100%".
+        ctr0 = (raw["clk"].sum() + 1) / (raw["imp"].sum() + 20)
+        app0 = (raw["app"].sum() + 1) / (raw["clk"].sum() + 4)
+        apr0 = (raw["apr"].sum() + 1) / (raw["apr"].sum() + raw["dec"].sum() + 2)
+        out = pd.DataFrame(index=pd.RangeIndex(n))
+        out["impressions"] = np.log1p(raw["imp"])
+        out["clicks"] = np.log1p(raw["clk"])
+        out["applications"] = np.log1p(raw["app"])
+        out["approvals"] = np.log1p(raw["apr"])
+        out["impressions_90d"] = np.log1p(raw["imp90"])
+        out["engaged_90d"] = np.log1p(raw["eng90"])
+        out["ctr"] = (raw["clk"] + 50 * ctr0) / (raw["imp"] + 50)
+        out["ctr_90d"] = (raw["clk90"] + 50 * ctr0) / (raw["imp90"] + 50)
+        out["apply_rate"] = (raw["app"] + 10 * app0) / (raw["clk"] + 10)
+        out["approval_rate"] = (raw["apr"] + 10 * apr0) / (raw["apr"] + raw["dec"] + 10)
+        return out
+
+    # -- pairs ---------------------------------------------------------------------------------
+    def pair_features(self, snap: Snapshot, users: np.ndarray, products: np.ndarray) -> pd.DataFrame:
+        """Features of (users[i], products[i]) pairs at the snapshot's cutoff."""
+        ds = self.ds
+        out = pd.DataFrame(index=pd.RangeIndex(len(users)))
+        U, P = ds.users, ds.products
+
+        def ucol(c: str) -> np.ndarray | None:
+            return U[c].to_numpy(np.float64)[users] if c in U.columns else None
+
+        def pcol(c: str) -> np.ndarray | None:
+            return P[c].to_numpy(np.float64)[products] if c in P.columns else None
+
+        credit, min_credit = ucol("credit_score"), pcol("min_credit_score")
+        if credit is not None and min_credit is not None:
+            out["credit_margin"] = credit - min_credit
+        income, min_income = ucol("income"), pcol("min_income")
+        if income is not None and min_income is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out["income_ratio"] = np.log(np.maximum(income, 1) / np.maximum(min_income, 1))
+        age = ucol("age")
+        if age is not None:
+            for c, sign in (("min_age", 1), ("max_age", -1)):
+                v = pcol(c)
+                if v is not None:
+                    out[f"age_margin_{c}"] = sign * (age - v)
+        tol, risk = ucol("risk_tolerance"), pcol("risk_level")
+        if tol is not None and risk is not None:
+            out["risk_gap"] = risk - tol
+        if snap.n_categories:
+            cat = snap.category_codes[products]
+            out["category_affinity"] = snap.category_affinity[users, cat]
+            held_cat = np.zeros((ds.n_users, snap.n_categories), dtype=bool)
+            held_cat[snap.held["user"].to_numpy(), snap.category_codes[snap.held["product"].to_numpy()]] = True
+            out["holds_category"] = held_cat[users, cat].astype(np.float64)
+        if "provider" in P.columns and len(snap.held):
+            prov = pd.Categorical(P["provider"].fillna("(none)").astype(str)).codes.astype(np.int64)
+            held_prov = pd.MultiIndex.from_arrays(
+                [snap.held["user"].to_numpy(), prov[snap.held["product"].to_numpy()]]
+            ).unique()
+            out["holds_provider"] = (
+                pd.MultiIndex.from_arrays([users, prov[products]]).isin(held_prov).astype(np.float64)
+            )
+        hist = self._pair_history(snap.cutoff, users, products)
+        for c in hist.columns:
+            out[c] = hist[c].to_numpy()
+        return out
+
+    def _pair_history(self, cutoff: int, users: np.ndarray, products: np.ndarray) -> pd.DataFrame:
+        cand = pa.table(
+            {"i": np.arange(len(users), dtype=np.int64), "u": users.astype(np.int32), "p": products.astype(np.int32)}
+        )
+        self.con.register("cand", cand)
+        df = self.con.execute(
+            f"""SELECT cand.i,
+                  count(*) FILTER (WHERE e = {ETYPE["impression"]}) AS seen,
+                  count(*) FILTER (WHERE e = {ETYPE["click"]}) AS clicked,
+                  count(*) FILTER (WHERE e = {ETYPE["apply"]}) AS applied,
+                  count(*) FILTER (WHERE e = {ETYPE["decline"]}) AS declined,
+                  ({cutoff} - max(ts) FILTER (WHERE e = {ETYPE["impression"]})) / {DAY}.0 AS days_since_seen
+                FROM cand JOIN ev ON ev.u = cand.u AND ev.p = cand.p
+                WHERE ev.ts < {cutoff} GROUP BY cand.i"""
+        ).df()
+        self.con.unregister("cand")
+        out = pd.DataFrame(index=pd.RangeIndex(len(users)))
+        rows = df["i"].to_numpy()
+        for c in ("seen", "clicked", "applied", "declined"):
+            full = np.zeros(len(users))
+            full[rows] = np.log1p(df[c].to_numpy(np.float64))
+            out[f"pair_{c}"] = full
+        full = np.full(len(users), np.nan)
+        full[rows] = df["days_since_seen"].to_numpy(np.float64)
+        out["pair_days_since_seen"] = full
+        return out
+
+    # -- labels and history ---------------------------------------------------------------------
+    def labels(self, start: int, end: int, grades: dict[str, int]) -> pd.DataFrame:
+        """Highest relevance grade of each (user, product) with events in ``[start, end)``; grade > 0 only."""
+        grade_of = np.zeros(len(ETYPE), dtype=np.int64)
+        for t, g in grades.items():
+            grade_of[ETYPE[t]] = g
+        self.con.register("grades", pa.table({"e": np.arange(len(ETYPE), dtype=np.int8), "g": grade_of}))
+        df = self.con.execute(
+            f"""SELECT ev.u AS "user", ev.p AS product, max(g) AS grade
+                FROM ev JOIN grades USING (e) WHERE ts >= {start} AND ts < {end}
+                GROUP BY ALL HAVING max(g) > 0"""
+        ).df()
+        return df
+
+    def shown(self, start: int, end: int) -> pd.DataFrame:
+        """(user, product, position) shown in ``[start, end)``, whether ignored or not; best position (0 = unknown)."""
+        return self.con.execute(
+            f"""SELECT u AS "user", p AS product, coalesce(min(pos) FILTER (WHERE pos > 0), 0) AS position
+                FROM ev WHERE e = {ETYPE["impression"]} AND ts >= {start} AND ts < {end} GROUP BY ALL"""
+        ).df()
+
+    def history(self, cutoff: int, length: int = 20) -> np.ndarray:
+        """(n_users, length) most recent distinct products each customer engaged with before ``cutoff``; -1 pads."""
+        df = self.con.execute(
+            f"""SELECT u, p FROM (
+                  SELECT u, p, row_number() OVER (PARTITION BY u ORDER BY max(ts) DESC, p) AS r
+                  FROM ev WHERE ts < {cutoff} AND e IN {tuple(_ENGAGED)} GROUP BY u, p)
+                WHERE r <= {length} ORDER BY u, r"""
+        ).df()
+        hist = np.full((self.ds.n_users, length), -1, dtype=np.int64)
+        u = df["u"].to_numpy()
+        if len(u):
+            starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+            rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)]))
+            hist[u, rank] = df["p"].to_numpy()
+        return hist

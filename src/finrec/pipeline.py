@@ -1,0 +1,214 @@
+"""Wiring of the offline commands: validate, load, run a stage, write its artifact. No modelling here.
+
+Each function takes plain values (paths, settings) and returns what it wrote,
+so the CLI, tests and the later service share one path through the system.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from finrec.artifacts import MANIFEST, atomic_dir, read_manifest, write_manifest
+from finrec.config import FinrecSettings
+from finrec.data.dataset import Dataset, load_dataset
+from finrec.errors import ArtifactError, FinrecError
+from finrec.twostage.model import TwoStageModel
+
+MODEL_KIND = "model"
+
+
+def _load(data: Path, settings: FinrecSettings) -> Dataset:
+    return load_dataset(data, future_tolerance_seconds=settings.validation.future_tolerance_seconds)
+
+
+def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool = True) -> dict[str, Any]:
+    """Validate ``data``, train the two-stage model, write the bundle to ``model_dir``; returns the manifest.
+
+    An existing model bundle at ``model_dir`` is replaced atomically; any other non-empty folder is refused.
+    """
+    from finrec.twostage.train import train_two_stage
+
+    if model_dir.is_dir() and any(model_dir.iterdir()) and not (model_dir / "model.json").is_file():
+        raise ArtifactError(f"{model_dir} exists and is not a finrec model bundle", hint="choose an empty --model-dir")
+    t0 = time.perf_counter()
+    ds = _load(data, settings)
+    load_s = time.perf_counter() - t0
+    model, report = train_two_stage(ds, settings, progress=progress)
+    version = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{ds.fingerprint[:8]}"
+    with atomic_dir(model_dir, overwrite=True) as tmp:
+        model.save(tmp)
+        manifest = write_manifest(
+            tmp,
+            MODEL_KIND,
+            config={"settings": settings.model_dump(mode="json"), "split": report.split.to_dict()},
+            inputs={
+                "data": str(data.resolve()),
+                "data_fingerprint": ds.fingerprint,
+                "users": ds.n_users,
+                "products": ds.n_products,
+                "events": len(ds.events),
+            },  # fmt: skip
+            metrics={
+                "training": report.metrics,
+                "fallbacks": report.fallbacks,
+                "seconds": {"load": round(load_s, 2), **{k: round(v, 2) for k, v in report.seconds.items()}},
+                "model_version": version,
+                "stages": model.stages(),
+            },  # fmt: skip
+        )
+    return manifest
+
+
+def load_model(model_dir: Path) -> tuple[TwoStageModel, dict[str, Any]]:
+    manifest = read_manifest(model_dir, MODEL_KIND)
+    return TwoStageModel.load(model_dir), manifest
+
+
+def read_user_ids(path: Path) -> list[str]:
+    """One id per line; blank lines and a leading ``user_id`` header are skipped."""
+    if not path.is_file():
+        raise FinrecError(f"users file {path} does not exist", hint="pass a text file with one user id per line")
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise FinrecError(f"users file {path} is not UTF-8 text", hint="one user id per line, UTF-8") from None
+    ids = [ln for ln in lines if ln]
+    if ids and ids[0].lower() == "user_id":
+        ids = ids[1:]
+    if not ids:
+        raise FinrecError(f"users file {path} lists no user ids", hint="one user id per line")
+    return list(dict.fromkeys(ids))  # keep order, drop repeats
+
+
+def recommend(
+    model_dir: Path,
+    data: Path,
+    users_file: Path,
+    k: int,
+    output: Path,
+    settings: FinrecSettings,
+    exclude: str = "held",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Batch recommendations for the listed users at the end of ``data``; writes CSV or Parquet."""
+    from tqdm import tqdm
+
+    from finrec.data.dataset import ETYPE
+    from finrec.features.builder import FeatureBuilder
+    from finrec.twostage.train import allowed_mask, rules_for
+
+    if exclude not in ("held", "interacted", "none"):
+        raise FinrecError(f"unknown --exclude {exclude!r}", hint="use held, interacted or none")
+    if not 1 <= k <= 1000:
+        raise FinrecError(f"--k {k} is out of range", hint="use 1 <= k <= 1000")
+    suffix = "".join(output.suffixes[-1:]).lower()
+    if suffix not in (".csv", ".parquet"):
+        raise FinrecError(f"--output {output} must end in .csv or .parquet")
+    model, manifest = load_model(model_dir)
+    ids = read_user_ids(users_file)
+    ds = _load(data, settings)
+    builder = FeatureBuilder(ds, settings.protected_attributes)
+    cutoff = ds.time_range[1] + 1
+    snap = builder.snapshot(cutoff)
+    history = builder.history(cutoff, int(model.config.get("history_length", 20)))
+    rules = rules_for(ds, settings)
+    rows = ds.user_rows(ids)
+    known = rows >= 0
+    interacted = None
+    if exclude == "interacted":
+        ev = ds.events
+        interacted = np.unique(np.column_stack([ev.user, ev.product])[ev.etype != ETYPE["close"]], axis=0)
+    out_user, out_rank, out_item, out_score = [], [], [], []
+    known_rows = rows[known]
+    known_ids = np.asarray(ids, dtype=object)[known]
+    for start in tqdm(range(0, len(known_rows), 2000), desc="recommending", unit="block", disable=not progress):
+        bu = known_rows[start : start + 2000]
+        allowed = allowed_mask(rules, snap, bu, ds.n_products, exclude, interacted)
+        rec = model.recommend(builder, snap, bu, allowed, k, history)
+        for i, uid in enumerate(known_ids[start : start + 2000]):
+            m = rec.items[i] >= 0
+            n = int(m.sum())
+            out_user += [uid] * n
+            out_rank += list(range(1, n + 1))
+            out_item += rec.items[i][m].tolist()
+            out_score += rec.scores[i][m].tolist()
+    unknown_ids = np.asarray(ids, dtype=object)[~known].tolist()
+    if unknown_ids:
+        # Customers the data does not know: no profile, so only products without rules that need one.
+        empty = pd.DataFrame({c: [np.nan] for c in ds.users.columns if c != "user_id"})
+        from finrec.rules.eligibility import ProductRules, SuitabilityPolicy
+
+        r = settings.rules
+        cold = ProductRules.from_frames(empty, ds.products, SuitabilityPolicy(
+            tuple(r.suitability_categories) if r.suitability_categories is not None else None,
+            r.max_risk_above_tolerance))  # fmt: skip
+        ok = (
+            cold.allowed(np.zeros(1, dtype=np.int64), at=cutoff)[0] if cold.n_products else np.ones(ds.n_products, bool)
+        )
+        pop = model.popularity_scores(builder)
+        order = [i for i in np.argsort(-pop, kind="stable") if ok[i]][:k]
+        for uid in unknown_ids:
+            out_user += [uid] * len(order)
+            out_rank += list(range(1, len(order) + 1))
+            out_item += order
+            out_score += pop[order].tolist()
+    pid = ds.products["product_id"].to_numpy()
+    products_out = pid[np.asarray(out_item, dtype=np.int64)] if out_item else []
+    frame = pd.DataFrame({"user_id": out_user, "rank": out_rank, "product_id": products_out,
+                          "score": out_score})  # fmt: skip
+    for col in ("user_id", "product_id"):
+        if len(frame) and frame[col].astype(str).str.fullmatch(r"-?\d+").all():
+            frame[col] = frame[col].astype(np.int64)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    if suffix == ".csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+    tmp.replace(output)
+    return {"users": len(ids), "unknown_users": len(unknown_ids), "rows": len(frame),
+            "model_version": manifest["metrics"].get("model_version"), "output": str(output)}  # fmt: skip
+
+
+def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings, ground_truth: Path | None = None,
+             progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Offline evaluation to ``output`` (JSON) and an HTML report next to it (same name, .html)."""
+    from finrec.evaluation.html import write_html_report
+    from finrec.evaluation.offline import evaluate_model
+
+    model, manifest = load_model(model_dir)
+    ds = _load(data, settings)
+    if ground_truth is None and (data / "ground_truth" / "world.json").is_file():
+        ground_truth = data / "ground_truth"
+    report, figures = evaluate_model(ds, model, settings, ground_truth=ground_truth, progress=progress)
+    report["model"]["version"] = manifest["metrics"].get("model_version")
+    report["model"]["training"] = manifest["metrics"].get("training", {})
+    report["model"]["fallbacks"] = manifest["metrics"].get("fallbacks", [])
+    if manifest["inputs"].get("data_fingerprint") == ds.fingerprint:
+        report["notes"].insert(0, "Evaluated on the training dataset's own held-out window (after the last cutoff "
+                                  "the model saw).")  # fmt: skip
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1, default=_json_default))
+    write_html_report(report, output.with_suffix(".html"), plots=figures)
+    return report
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+__all__ = ["train", "recommend", "evaluate", "load_model", "read_user_ids", "MANIFEST", "asdict"]

@@ -1,0 +1,1 @@
+"""Hard rules that run before any scoring: eligibility and suitability."""
