@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-generate clean
+.PHONY: demo test test-fast lint bench-generate bench-train clean
 
 # Re-install when pyproject.toml changes. torch is pinned to 2.13.0 (a CPU build on local disk).
 $(STAMP): pyproject.toml
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,redis]'
 	touch $(STAMP)
 
-## Main job on embedded defaults: synthetic world, validation, (training, evaluation, API as they land).
+## Main job on embedded defaults: synthetic world, validation, training, evaluation (the API when it lands).
 demo: $(STAMP)
 	$(BIN)/finrec demo
 
@@ -31,6 +31,9 @@ lint: $(STAMP)
 
 bench-generate: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) finrec-workspace .pytest_cache .ruff_cache .mypy_cache

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Before LightGBM/PyTorch load: OpenMP's busy-waiting threads stall 20-200x when CI shares the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 
 import pytest

@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+# LightGBM and PyTorch use OpenMP; its default busy-waiting threads slow training 20-200x on a
+# machine whose cores are shared with another process. Passive waiting costs nothing when idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -64,7 +68,7 @@ def _root(
 def generate(
     ctx: typer.Context,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the dataset to (created).")],
-    users: Annotated[int | None, typer.Option(help="Number of customers. Default from settings: 20000.")] = None,
+    users: Annotated[int | None, typer.Option(help="Number of customers. Default from settings: 100000.")] = None,
     products: Annotated[
         int | None, typer.Option(help="Number of products, at least 10 (one per category). Default: 300.")
     ] = None,
@@ -222,9 +226,14 @@ def recommend(
     from finrec import pipeline
 
     res = pipeline.recommend(model_dir, data, users, k, output, _settings(ctx), exclude=exclude, progress=True)
+    unknown = (
+        f"; {res['unknown_users']} unknown to the data got the most popular products that need no profile"
+        if res["unknown_users"]
+        else ""
+    )
     out.print(
-        f"[green]wrote[/] {res['rows']:,} rows for {res['users']:,} customers to {output} "
-        f"({res['unknown_users']} unknown to the data, given popularity-based picks); model {res['model_version']}"
+        f"[green]wrote[/] {res['rows']:,} rows for {res['users']:,} customers to {output}{unknown}; "
+        f"model {res['model_version']}"
     )
 
 
@@ -253,7 +262,7 @@ def evaluate(
     k = report["model"]["k"]
     table = Table(title=None)
     metrics = [f"ndcg@{k}", f"map@{k}", "mrr", f"hit_rate@{k}", f"coverage@{k}", f"true_conversion@{k}"]
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     for m in metrics:
         table.add_column(m, justify="right")
     for name, vals in report["models"].items():
@@ -314,10 +323,11 @@ def demo(
     ] = None,
     regenerate: Annotated[bool, typer.Option(help="Generate the world again even if it already exists.")] = False,
 ) -> None:
-    """Run the main job on embedded defaults: generate the default synthetic world, validate it, ...
+    """Run the main job on embedded defaults: synthetic world, validation, training, evaluation.
 
-    Later stages (training, evaluation, the API on port 8000) run here as they land;
-    what is not built yet is said plainly, never faked.
+    Writes the world, the model bundle and the evaluation report (JSON and HTML) under the
+    workspace. The API on port 8000 joins when it lands; what is not built yet is said
+    plainly, never faked.
     """
     from finrec.artifacts import read_manifest
     from finrec.data.synthetic.generate import WorldConfig, generate_world
@@ -344,10 +354,16 @@ def demo(
         _print_counts(summary.counts, f"Generated {data} in {summary.seconds:.1f} s")
     out.rule("[bold]2. validation")
     _validate_or_exit(ctx, data, quiet=True)
-    out.rule("[bold]3. training, evaluation, API")
+    out.rule("[bold]3. training")
+    model_dir = ws / "model"
+    ctx.invoke(train, ctx=ctx, data=data, model_dir=model_dir)
+    out.rule("[bold]4. offline evaluation")
+    ctx.invoke(evaluate, ctx=ctx, model_dir=model_dir, data=data, output=ws / "report.json", ground_truth=None)
+    out.rule("[bold]5. API")
     out.print(
-        "[yellow]not built yet[/]: two-stage training and offline evaluation (issue #3) and the API on "
-        "http://127.0.0.1:8000 (issue #4) will run here once they land. Nothing is served."
+        "[yellow]not built yet[/]: the API on http://127.0.0.1:8000 (GET /recommend/{user_id}, Swagger at /docs) "
+        "comes with issue #4. Nothing is served. Batch recommendations work today:\n"
+        f"  finrec recommend --model-dir {model_dir} --data {data} --users FILE --k 10 --output recs.csv"
     )
 
 
@@ -355,6 +371,12 @@ def main() -> None:
     """Entry point: run the app, turning user-fixable problems into a message and an exit code."""
     try:
         app()
+    except DataValidationError as exc:
+        exc.report.render(out)  # the same report `finrec validate` prints
+        err.print(f"[bold red]error:[/] {exc.message}")
+        if exc.hint:
+            err.print(f"[dim]hint:[/] {exc.hint}")
+        sys.exit(exc.exit_code)
     except FinrecError as exc:
         err.print(f"[bold red]error:[/] {exc.message}")
         if exc.hint:

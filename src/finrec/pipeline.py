@@ -150,9 +150,7 @@ def recommend(
         cold = ProductRules.from_frames(empty, ds.products, SuitabilityPolicy(
             tuple(r.suitability_categories) if r.suitability_categories is not None else None,
             r.max_risk_above_tolerance))  # fmt: skip
-        ok = (
-            cold.allowed(np.zeros(1, dtype=np.int64), at=cutoff)[0] if cold.n_products else np.ones(ds.n_products, bool)
-        )
+        ok = cold.allowed(np.zeros(1, dtype=np.int64), at=cutoff)[0]
         pop = model.popularity_scores(builder)
         order = [i for i in np.argsort(-pop, kind="stable") if ok[i]][:k]
         for uid in unknown_ids:

@@ -109,6 +109,7 @@ def test_demo_runs_what_exists_and_says_what_does_not(tmp_path: Path) -> None:
     env = {"FINREC_GENERATE__USERS": "400", "FINREC_GENERATE__PRODUCTS": "20", "FINREC_GENERATE__MONTHS": "2"}
     res = finrec("demo", "--workspace", str(tmp_path / "ws"), env=env)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "valid" in res.stdout and "not built yet" in res.stdout
+    assert "valid" in res.stdout and "trained" in res.stdout and "not built yet" in res.stdout
+    assert (tmp_path / "ws" / "report.html").is_file() and (tmp_path / "ws" / "model" / "manifest.json").is_file()
     again = finrec("demo", "--workspace", str(tmp_path / "ws"), env=env)
     assert again.returncode == 0 and "reusing" in again.stdout

@@ -58,6 +58,24 @@ class Snapshot:
     category_affinity: np.ndarray  # (n_users, n_categories + 1) share of engaged events per category
 
 
+def _columns_as_features(table: pd.DataFrame, skip: set[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """A table's columns as features: numbers as float64, anything else categorical; ``skip`` left out."""
+    out = pd.DataFrame(index=pd.RangeIndex(len(table)))
+    numeric: list[str] = []
+    categorical: list[str] = []
+    for c in table.columns:
+        if c in skip:
+            continue
+        s = table[c]
+        if pd.api.types.is_numeric_dtype(s):
+            out[c] = s.to_numpy(dtype=np.float64)
+            numeric.append(c)
+        else:
+            out[c] = s.astype(object)
+            categorical.append(c)
+    return out, numeric, categorical
+
+
 class FeatureBuilder:
     """Computes :class:`Snapshot` and pair features for a dataset at any cutoff.
 
@@ -92,19 +110,7 @@ class FeatureBuilder:
     # -- snapshot ----------------------------------------------------------------------------
     def snapshot(self, cutoff: int) -> Snapshot:
         ds = self.ds
-        users = pd.DataFrame(index=pd.RangeIndex(ds.n_users))
-        u_num: list[str] = []
-        u_cat: list[str] = []
-        for c in ds.users.columns:
-            if c in _NOT_FEATURES or c in self.protected:
-                continue
-            s = ds.users[c]
-            if pd.api.types.is_numeric_dtype(s):
-                users[c] = s.to_numpy(dtype=np.float64)
-                u_num.append(c)
-            else:
-                users[c] = s.astype(object)
-                u_cat.append(c)
+        users, u_num, u_cat = _columns_as_features(ds.users, _NOT_FEATURES | self.protected)
         if "income" in users:
             users["income"] = np.log1p(users["income"].clip(lower=0))
         if "signup_date" in ds.users.columns:
@@ -119,7 +125,7 @@ class FeatureBuilder:
             f"""SELECT u AS "user", p AS product FROM (
                   SELECT u, p, arg_max(e, ts) AS last FROM ev
                   WHERE ts < {cutoff} AND e IN {tuple(_OWNERSHIP)} GROUP BY u, p)
-                WHERE last <> {ETYPE["close"]}"""
+                WHERE last <> {ETYPE["close"]} ORDER BY 1, 2"""
         ).df()
         n_held = np.bincount(held["user"].to_numpy(), minlength=ds.n_users)
         users["n_held"] = n_held.astype(np.float64)
@@ -136,19 +142,7 @@ class FeatureBuilder:
             users[f"affinity_{name}"] = affinity[:, j]
             u_num.append(f"affinity_{name}")
 
-        products = pd.DataFrame(index=pd.RangeIndex(ds.n_products))
-        p_num: list[str] = []
-        p_cat: list[str] = []
-        for c in ds.products.columns:
-            if c in _NOT_FEATURES:
-                continue
-            s = ds.products[c]
-            if pd.api.types.is_numeric_dtype(s):
-                products[c] = s.to_numpy(dtype=np.float64)
-                p_num.append(c)
-            else:
-                products[c] = s.astype(object)
-                p_cat.append(c)
+        products, p_num, p_cat = _columns_as_features(ds.products, _NOT_FEATURES)
         if "regions" in ds.products.columns:
             spec = ds.products["regions"].fillna("*").astype(str).str.strip()
             products["n_regions"] = [
@@ -158,6 +152,17 @@ class FeatureBuilder:
         if "launch_date" in ds.products.columns:
             products["days_since_launch"] = (cutoff - ds.products["launch_date"].to_numpy(dtype=np.float64)) / DAY
             p_num.append("days_since_launch")
+        if "category" in ds.products.columns:
+            # Price relative to the category's other offers: an APR of 9% is cheap for a card, dear for a mortgage.
+            cat = pd.Series(self.category_codes)
+            for c in ("apr", "apy", "annual_fee", "min_credit_score", "min_income"):
+                if c in products.columns:
+                    v = products[c]
+                    g = v.groupby(cat)
+                    products[f"{c}_vs_category"] = (
+                        ((v - g.transform("mean")) / g.transform("std").replace(0, np.nan)).fillna(0.0).where(v.notna())
+                    )
+                    p_num.append(f"{c}_vs_category")
         demand = self._product_demand(cutoff)
         for c in demand.columns:
             products[c] = demand[c].to_numpy()
@@ -336,7 +341,7 @@ class FeatureBuilder:
         df = self.con.execute(
             f"""SELECT ev.u AS "user", ev.p AS product, max(g) AS grade
                 FROM ev JOIN grades USING (e) WHERE ts >= {start} AND ts < {end}
-                GROUP BY ALL HAVING max(g) > 0"""
+                GROUP BY ALL HAVING max(g) > 0 ORDER BY 1, 2"""
         ).df()
         return df
 
@@ -344,7 +349,7 @@ class FeatureBuilder:
         """(user, product, position) shown in ``[start, end)``, whether ignored or not; best position (0 = unknown)."""
         return self.con.execute(
             f"""SELECT u AS "user", p AS product, coalesce(min(pos) FILTER (WHERE pos > 0), 0) AS position
-                FROM ev WHERE e = {ETYPE["impression"]} AND ts >= {start} AND ts < {end} GROUP BY ALL"""
+                FROM ev WHERE e = {ETYPE["impression"]} AND ts >= {start} AND ts < {end} GROUP BY ALL ORDER BY 1, 2"""
         ).df()
 
     def history(self, cutoff: int, length: int = 20) -> np.ndarray:

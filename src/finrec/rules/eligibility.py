@@ -56,6 +56,7 @@ class ProductRules:
     region: np.ndarray | None  # int code into region vocabulary, -1 unknown/missing
     risk_tolerance: np.ndarray | None
     regions: list[str] = field(default_factory=list)
+    n_products: int = 0  # the catalogue size, whatever rules are active
 
     @classmethod
     def from_frames(
@@ -103,14 +104,8 @@ class ProductRules:
             region=region,
             risk_tolerance=col(users, "risk_tolerance"),
             regions=regions,
+            n_products=len(products),
         )
-
-    @property
-    def n_products(self) -> int:
-        for a in (self.min_credit, self.min_income, self.min_age, self.launch, self.risk_level):
-            if a is not None:
-                return len(a)
-        return 0 if self.region_ok is None else len(self.region_ok)
 
     def failures(self, users: np.ndarray, at: int | None = None) -> dict[str, np.ndarray]:
         """Per rule, a (len(users), n_products) bool mask of products that rule removes."""

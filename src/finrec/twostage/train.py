@@ -65,7 +65,7 @@ def allowed_mask(rules: ProductRules, snap: Snapshot, users: np.ndarray, n_produ
     ``exclude``: ``held`` (default) removes what the customer holds; ``interacted`` also removes
     the (user, product) pairs in ``interacted``; ``none`` removes nothing.
     """
-    ok = rules.allowed(users, at=snap.cutoff) if rules.n_products else np.ones((len(users), n_products), bool)
+    ok = rules.allowed(users, at=snap.cutoff)
     if exclude in ("held", "interacted"):
         ok &= ~held_mask(snap, users, n_products)
     if exclude == "interacted" and interacted is not None:
@@ -125,8 +125,10 @@ def train_two_stage(
             [pd.Index(val_users).get_indexer(val_pos["user"].to_numpy()) + offset, val_pos["product"].to_numpy()]
         ).astype(np.int64)
         item_x = space.product_dense(snaps[-1])
-        cfg = TwoTowerConfig(embedding_dim=t.embedding_dim, max_epochs=t.max_epochs, seed=t.seed,
-                             recall_k=min(t.n_candidates, ds.n_products))  # fmt: skip
+        # Early stopping needs a recall that can still improve: N candidates of a catalogue not much
+        # bigger than N is recall 1.0 from the first epoch. Cap N at a tenth of the catalogue.
+        recall_k = max(1, min(t.n_candidates, ds.n_products // 10))
+        cfg = TwoTowerConfig(embedding_dim=t.embedding_dim, max_epochs=t.max_epochs, seed=t.seed, recall_k=recall_k)
         retriever = TwoTowerModel(cfg).fit(
             ux, hist, item_x, np.arange(ds.n_products, dtype=np.int64), pairs, val_pairs,
             weights=np.concatenate(weight_parts), progress=progress,
@@ -178,6 +180,7 @@ def train_two_stage(
     # 3. Ranker on the ranker window.
     clock = time.perf_counter()
     labels = builder.labels(split.rank_cutoff, split.eval_cutoff, grades)
+    labels = labels[labels["grade"] >= t.ranker_min_grade]
     shown = builder.shown(split.rank_cutoff, split.eval_cutoff)
     q_users = np.unique(np.concatenate([labels["user"].to_numpy(), shown["user"].to_numpy()]))
     rng = np.random.default_rng(t.seed)
@@ -197,7 +200,7 @@ def train_two_stage(
             )
         keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1  # queries with something to rank
         if pd.unique(qid[keep]).size >= MIN_RANKER_QUERIES:
-            position = pos[keep] if (pos[keep] > 0).any() else None
+            position = pos[keep] if t.position_debias and (pos[keep] > 0).any() else None
             ranker = Ranker(RankerConfig(seed=t.seed)).fit(
                 X[keep], y[keep], qid[keep], names, space.tabular_names(pair_columns)[1], position=position
             )

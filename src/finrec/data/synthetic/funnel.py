@@ -82,23 +82,32 @@ class _Collector:
 
 
 class LoggingPolicy:
-    """How the bank chose what to show before finrec: exploration plus life-stage targeting."""
+    """How the bank chose what to show before finrec: exploration plus life-stage targeting.
+
+    Targeted slots pick a category from the customer's segment and then rotate offers of that
+    category uniformly: exposure follows segment need, not a hidden weight. (Weighting offers by
+    provider size here made logged engagement track market share, so that on logged metrics
+    even the ground-truth oracle lost to models imitating the old policy.) Holdings at the start
+    still follow market share (``weighted=True``).
+    """
 
     def __init__(self, catalogue: Catalogue):
         self.n = len(catalogue)
         w = catalogue.provider_size[catalogue.provider]
         self.by_cat = [np.flatnonzero(catalogue.category == c) for c in range(P.N_CAT)]
-        self.cum = [np.cumsum(w[idx]) / w[idx].sum() for idx in self.by_cat]
+        self.cum_weighted = [np.cumsum(w[idx]) / w[idx].sum() for idx in self.by_cat]
+        self.cum_uniform = [np.arange(1, len(idx) + 1) / len(idx) for idx in self.by_cat]
         target = np.exp(P.TARGETING_SHARPNESS * P.NEED)
         self.cat_cum = np.cumsum(target / target.sum(axis=1, keepdims=True), axis=1)
 
-    def in_category(self, cat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """A product of each given category, weighted by provider size."""
+    def in_category(self, cat: np.ndarray, rng: np.random.Generator, weighted: bool = False) -> np.ndarray:
+        """A product of each given category: uniformly, or weighted by provider size."""
         out = np.empty(len(cat), dtype=np.int64)
+        cums = self.cum_weighted if weighted else self.cum_uniform
         for c in range(P.N_CAT):
             m = cat == c
             if m.any():
-                k = np.searchsorted(self.cum[c], rng.random(m.sum()), side="right")
+                k = np.searchsorted(cums[c], rng.random(m.sum()), side="right")
                 out[m] = self.by_cat[c][np.minimum(k, len(self.by_cat[c]) - 1)]
         return out
 
@@ -133,7 +142,7 @@ def initial_holdings(
     held = np.full((n, P.N_CAT), -1, dtype=np.int64)
     for c in range(P.N_CAT):
         users = np.flatnonzero(has[:, c])
-        prod = policy.in_category(np.full(len(users), c), rng)
+        prod = policy.in_category(np.full(len(users), c), rng, weighted=True)
         ok = truth.eligible(users, prod, day=0)
         held[users[ok], c] = prod[ok]
     return held
