@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-generate bench-train clean
+.PHONY: demo test test-fast lint bench-generate bench-train bench-quality clean
 
 # Re-install when pyproject.toml changes. torch is pinned to 2.13.0 (a CPU build on local disk).
 $(STAMP): pyproject.toml
@@ -34,6 +34,9 @@ bench-generate: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) finrec-workspace .pytest_cache .ruff_cache .mypy_cache

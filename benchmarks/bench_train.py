@@ -88,8 +88,9 @@ def main() -> None:
             tr = run(CHILD_TRAIN, str(data), str(Path(tmp) / f"model{i}"))
             loads.append(ld)
             trains.append(tr)
-            print(f"run {i + 1}: load {ld['seconds']:.1f} s {ld['peak_rss_mb']:.0f} MB; "
-                  f"train {tr['seconds']:.1f} s {tr['peak_rss_mb']:.0f} MB {tr['stages']}", file=sys.stderr)  # fmt: skip
+            line = f"run {i + 1}: load {ld['seconds']:.1f} s {ld['peak_rss_mb']:.0f} MB; "
+            line += f"train {tr['seconds']:.1f} s {tr['peak_rss_mb']:.0f} MB {tr['stages']}"
+            print(line, file=sys.stderr)
 
     med = statistics.median
     t_train, t_load = med(r["seconds"] for r in trains), med(r["seconds"] for r in loads)

@@ -126,20 +126,20 @@ def recommend(
     if exclude == "interacted":
         ev = ds.events
         interacted = np.unique(np.column_stack([ev.user, ev.product])[ev.etype != ETYPE["close"]], axis=0)
-    out_user, out_rank, out_item, out_score = [], [], [], []
+    parts: list[pd.DataFrame] = []
     known_rows = rows[known]
     known_ids = np.asarray(ids, dtype=object)[known]
     for start in tqdm(range(0, len(known_rows), 2000), desc="recommending", unit="block", disable=not progress):
         bu = known_rows[start : start + 2000]
         allowed = allowed_mask(rules, snap, bu, ds.n_products, exclude, interacted)
         rec = model.recommend(builder, snap, bu, allowed, k, history)
-        for i, uid in enumerate(known_ids[start : start + 2000]):
-            m = rec.items[i] >= 0
-            n = int(m.sum())
-            out_user += [uid] * n
-            out_rank += list(range(1, n + 1))
-            out_item += rec.items[i][m].tolist()
-            out_score += rec.scores[i][m].tolist()
+        m = rec.items >= 0  # fewer than k allowed products: fewer rows, never a back-fill
+        parts.append(pd.DataFrame({
+            "user_id": np.repeat(known_ids[start : start + 2000], m.sum(axis=1)),
+            "rank": np.cumsum(m, axis=1)[m],
+            "item": rec.items[m],
+            "score": rec.scores[m],
+        }))  # fmt: skip
     unknown_ids = np.asarray(ids, dtype=object)[~known].tolist()
     if unknown_ids:
         # Customers the data does not know: no profile, so only products without rules that need one.
@@ -152,16 +152,16 @@ def recommend(
             r.max_risk_above_tolerance))  # fmt: skip
         ok = cold.allowed(np.zeros(1, dtype=np.int64), at=cutoff)[0]
         pop = model.popularity_scores(builder)
-        order = [i for i in np.argsort(-pop, kind="stable") if ok[i]][:k]
-        for uid in unknown_ids:
-            out_user += [uid] * len(order)
-            out_rank += list(range(1, len(order) + 1))
-            out_item += order
-            out_score += pop[order].tolist()
+        order = np.asarray([i for i in np.argsort(-pop, kind="stable") if ok[i]][:k], dtype=np.int64)
+        parts.append(pd.DataFrame({
+            "user_id": np.repeat(np.asarray(unknown_ids, dtype=object), len(order)),
+            "rank": np.tile(np.arange(1, len(order) + 1), len(unknown_ids)),
+            "item": np.tile(order, len(unknown_ids)),
+            "score": np.tile(pop[order], len(unknown_ids)),
+        }))  # fmt: skip
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["user_id", "rank", "item", "score"])
     pid = ds.products["product_id"].to_numpy()
-    products_out = pid[np.asarray(out_item, dtype=np.int64)] if out_item else []
-    frame = pd.DataFrame({"user_id": out_user, "rank": out_rank, "product_id": products_out,
-                          "score": out_score})  # fmt: skip
+    frame.insert(2, "product_id", pid[frame.pop("item").to_numpy(np.int64)])
     for col in ("user_id", "product_id"):
         if len(frame) and frame[col].astype(str).str.fullmatch(r"-?\d+").all():
             frame[col] = frame[col].astype(np.int64)

@@ -486,3 +486,26 @@ def test_cli_train_recommend_evaluate(tmp_path: Path) -> None:
     )
     assert report.is_file() and report.with_suffix(".html").is_file()
     assert tuple(json.loads(report.read_text())["models"]) == ALL_MODELS
+
+
+@pytest.mark.slow
+def test_protected_attributes_are_never_model_features(small_world: Path, tmp_path: Path) -> None:
+    """With age protected too, no stage of the bundle sees gender or age; the age rules still apply."""
+    s = FinrecSettings(protected_attributes=["gender", "age"])
+    pipeline.train(small_world, tmp_path / "m", s, progress=False)
+    model = TwoStageModel.load(tmp_path / "m")
+    names = set(model.space.user_numeric) | set(model.space.user_vocab)
+    assert not names & {"gender", "age"}
+    assert model.ranker is not None and model.approval is not None
+    used = set(model.ranker.feature_names_) | set(model.approval.feature_names_)
+    assert not {n for n in used if n in ("user_gender", "user_age")}
+    # The eligibility rules still use age: nobody gets a product outside its age limits.
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(str(i) for i in range(1, 301)))
+    pipeline.recommend(tmp_path / "m", small_world, users, 10, tmp_path / "r.csv", s, progress=False)
+    recs = pd.read_csv(tmp_path / "r.csv")
+    u = pd.read_parquet(small_world / "users.parquet")[["user_id", "age"]]
+    p = pd.read_parquet(small_world / "products.parquet")[["product_id", "min_age", "max_age"]]
+    j = recs.merge(u, on="user_id").merge(p, on="product_id")
+    assert len(j) > 0
+    assert not ((j["age"] < j["min_age"]) | (j["age"] > j["max_age"])).any()

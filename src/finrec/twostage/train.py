@@ -169,7 +169,7 @@ def train_two_stage(
             categorical=[n for n in ("product_category",) if n in names],
             time_order=ev.ts[decided],
         )
-        report.metrics["approval"] = {"applications": int(len(y)), **_json_safe(approval.report_)}
+        report.metrics["approval"] = {"applications": int(len(y)), **approval.report_}
         if approval.fallback_reason_:
             report.fallbacks.append(f"approval odds: {approval.fallback_reason_}")
     else:
@@ -283,15 +283,3 @@ def _retrieved_rows(
         builder, snap, users[q], items, rows["score"].to_numpy(np.float64), rows["rank"].to_numpy()
     )
     return X, rows["grade"].to_numpy(np.int32), q, np.zeros(len(q), dtype=np.int64), names
-
-
-def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out[k] = _json_safe(v)
-        elif isinstance(v, np.generic):
-            out[k] = v.item()
-        else:
-            out[k] = v
-    return out
