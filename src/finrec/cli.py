@@ -68,7 +68,7 @@ def _root(
 def generate(
     ctx: typer.Context,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the dataset to (created).")],
-    users: Annotated[int | None, typer.Option(help="Number of customers. Default from settings: 100000.")] = None,
+    users: Annotated[int | None, typer.Option(help="Number of customers. Default from settings: 200000.")] = None,
     products: Annotated[
         int | None, typer.Option(help="Number of products, at least 10 (one per category). Default: 300.")
     ] = None,

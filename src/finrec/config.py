@@ -77,10 +77,10 @@ class GenerateSettings(_Section):
     """Defaults of `finrec generate` (each is also a flag)."""
 
     users: int = Field(
-        100_000,
+        200_000,
         ge=1,
-        description="Number of customers. 100k gives the demo's evaluation the power to separate the models "
-        "(at 20k the two-stage vs two-tower difference is within noise).",
+        description="Number of customers. 200k gives the demo's evaluation the power to separate two-stage from "
+        "two-tower with non-overlapping intervals (at 20k their difference is within noise).",
     )
     products: int = Field(300, ge=10, description="Number of products (at least one per category).")
     months: int = Field(12, ge=1, le=120, description="Months of funnel events.")
@@ -110,7 +110,7 @@ class TrainSettings(_Section):
     n_candidates: int = Field(100, ge=1, le=5000, description="Candidates retrieved per customer for the ranker.")
     history_length: int = Field(20, ge=1, le=200, description="Recent products in the user tower's history.")
     retrieval_min_grade: int = Field(2, ge=1, description="Lowest grade that is a positive for retrieval.")
-    max_ranker_queries: int = Field(60_000, ge=100, description="Customers sampled to train the ranker.")
+    max_ranker_queries: int = Field(120_000, ge=100, description="Customers sampled to train the ranker.")
     ranker_rows: Literal["shown", "retrieved"] = Field(
         "shown",
         description="Ranker training rows: `shown` = what each customer was shown in the window (learns preference "
@@ -140,7 +140,7 @@ class EvaluateSettings(_Section):
     k: int = Field(10, ge=1, le=100, description="Cut-off of NDCG, MAP and hit rate.")
     min_grade: int = Field(2, ge=1, description="Lowest grade counted as relevant (2 = click).")
     bootstrap: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for confidence intervals.")
-    max_users: int = Field(50_000, ge=100, description="Evaluation customers sampled at most.")
+    max_users: int = Field(100_000, ge=100, description="Evaluation customers sampled at most.")
 
 
 class FinrecSettings(BaseSettings):

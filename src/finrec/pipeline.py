@@ -188,7 +188,7 @@ def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings
         ground_truth = data / "ground_truth"
     report, figures = evaluate_model(ds, model, settings, ground_truth=ground_truth, progress=progress)
     report["model"]["version"] = manifest["metrics"].get("model_version")
-    report["model"]["training"] = manifest["metrics"].get("training", {})
+    report["model"]["training"] = _training_summary(manifest["metrics"].get("training", {}))
     report["model"]["fallbacks"] = manifest["metrics"].get("fallbacks", [])
     if manifest["inputs"].get("data_fingerprint") == ds.fingerprint:
         report["notes"].insert(0, "Evaluated on the training dataset's own held-out window (after the last cutoff "
@@ -197,6 +197,21 @@ def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings
     output.write_text(json.dumps(report, indent=1, default=_json_default))
     write_html_report(report, output.with_suffix(".html"), plots=figures)
     return report
+
+
+def _training_summary(training: dict[str, Any]) -> dict[str, str]:
+    """One readable line per stage for the report; the manifest keeps every detail."""
+    out = {}
+    for stage, m in training.items():
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()
+                 if isinstance(v, int | float | str) and not isinstance(v, bool)]  # fmt: skip
+        cal = m.get("calibrated") or m.get("raw")
+        if isinstance(cal, dict):
+            parts += [f"{k} {cal[k]:.4f}" for k in ("brier", "ece", "auc") if isinstance(cal.get(k), float)]
+        if isinstance(m.get("top_features"), dict):
+            parts.append("top features " + ", ".join(list(m["top_features"])[:5]))
+        out[stage] = "; ".join(parts)
+    return out
 
 
 def _json_default(o: Any) -> Any:

@@ -21,7 +21,7 @@ def test_defaults_are_complete_and_sane() -> None:
     s = load_settings()
     g = s.events.grades
     assert g["approve"] > g["apply"] > g["click"] > g["view"] > g["impression"]
-    assert s.generate.users == 100_000 and s.generate.products == 300
+    assert s.generate.users == 200_000 and s.generate.products == 300
 
 
 def test_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

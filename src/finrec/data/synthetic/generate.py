@@ -47,7 +47,7 @@ _STREAM_CATALOGUE, _STREAM_BLOCK, _STREAM_MASK = 1, 2, 3
 class WorldConfig:
     """Parameters of a synthetic world (each is a flag of ``finrec generate``)."""
 
-    users: int = 100_000
+    users: int = 200_000
     products: int = 300
     months: int = 12
     seed: int = 7
