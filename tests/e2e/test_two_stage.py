@@ -509,3 +509,24 @@ def test_protected_attributes_are_never_model_features(small_world: Path, tmp_pa
     j = recs.merge(u, on="user_id").merge(p, on="product_id")
     assert len(j) > 0
     assert not ((j["age"] < j["min_age"]) | (j["age"] > j["max_age"])).any()
+
+
+@pytest.mark.slow
+def test_ann_index_setting_is_used_and_close_to_exact(small_world: Path, tmp_path: Path) -> None:
+    """`[train] index = "hnsw"` is saved in the bundle and used by recommend; results stay close to exact."""
+    s = FinrecSettings(train={"index": "hnsw"})
+    pipeline.train(small_world, tmp_path / "m", s, progress=False)
+    model = TwoStageModel.load(tmp_path / "m")
+    assert model.config["index"] == "hnsw"
+    ds = load_dataset(small_world)
+    fb = FeatureBuilder(ds, s.protected_attributes)
+    cut = ds.time_range[1] + 1
+    snap, hist = fb.snapshot(cut), fb.history(cut)
+    users = np.arange(200)
+    allowed = allowed_mask(rules_for(ds, s), snap, users, ds.n_products)
+    ann = model.recommend(fb, snap, users, allowed, 10, hist)
+    exact = model.recommend(fb, snap, users, allowed, 10, hist, index_kind="exact")
+    assert allowed[np.arange(200)[:, None], np.maximum(ann.items, 0)][ann.items >= 0].all()
+    overlap = np.mean([len(set(a[a >= 0]) & set(e[e >= 0])) / max((e >= 0).sum(), 1)
+                       for a, e in zip(ann.items, exact.items, strict=True)])  # fmt: skip
+    assert overlap > 0.9

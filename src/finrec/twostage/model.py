@@ -165,12 +165,13 @@ class TwoStageModel:
         k: int,
         history: np.ndarray,
         n_candidates: int | None = None,
-        index_kind: str = "exact",
+        index_kind: str | None = None,
         demote_below: float | None = None,
     ) -> Recommendations:
         """Top ``k`` allowed products for each customer row in ``users`` (``allowed``: (len(users), n_products))."""
         n_candidates = n_candidates or int(self.config.get("n_candidates", 100))
         demote_below = self.config.get("demote_below", 0.2) if demote_below is None else demote_below
+        index_kind = index_kind or str(self.config.get("index", "exact"))  # the bundle's [train] index
         ret_s, ret_i = self.retrieve(builder, snap, users, allowed, max(n_candidates, k), history, index_kind)
         n, c = ret_i.shape
         valid = ret_i >= 0
