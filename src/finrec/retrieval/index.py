@@ -152,8 +152,8 @@ def _exact_top_k(
 # --------------------------------------------------------------------------- exact
 
 
-class ExactIndex:
-    """Brute-force inner-product search (numpy matmul + argpartition), batched over queries."""
+class _ItemTable:
+    """The checked item embeddings every index searches (exactly, or to rescore candidates)."""
 
     def __init__(self, item_emb: np.ndarray) -> None:
         self.item_emb = _as_embeddings("item_emb", item_emb)
@@ -168,6 +168,10 @@ class ExactIndex:
     def dim(self) -> int:
         return int(self.item_emb.shape[1])
 
+
+class ExactIndex(_ItemTable):
+    """Brute-force inner-product search (numpy matmul + argpartition), batched over queries."""
+
     def search(self, query_emb: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` items per query by inner product; see the module docstring for the output contract."""
         q = _as_embeddings("query_emb", query_emb, self.dim)
@@ -179,24 +183,14 @@ class ExactIndex:
 # --------------------------------------------------------------------------- approximate
 
 
-class _ApproximateIndex:
+class _ApproximateIndex(_ItemTable):
     """Shared ``search`` for indexes that propose candidates: exact rescoring, exclusion, retries, fallback."""
 
     def __init__(self, item_emb: np.ndarray, oversample: float) -> None:
-        self.item_emb = _as_embeddings("item_emb", item_emb)
-        if len(self.item_emb) == 0:
-            raise ValueError("item_emb is empty: an index needs at least one item")
+        super().__init__(item_emb)
         if not (isinstance(oversample, int | float) and math.isfinite(oversample) and oversample >= 1):
             raise ValueError(f"oversample must be a number >= 1, got {oversample!r}")
         self.oversample = float(oversample)
-
-    @property
-    def n_items(self) -> int:
-        return int(self.item_emb.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.item_emb.shape[1])
 
     def _candidates(self, queries: np.ndarray, k: int, attempt: int) -> np.ndarray:
         """int64 (n, k) candidate rows, -1 where the index found fewer; ``attempt`` 0, 1, ... asks for more effort."""

@@ -57,7 +57,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -458,20 +458,19 @@ class TwoTowerModel:
             raise RuntimeError("this TwoTowerModel is not fitted: call fit() or TwoTowerModel.load() first")
 
     @torch.no_grad()
-    def _embed_users(self, user_x: torch.Tensor, history_ids: torch.Tensor) -> np.ndarray:
-        out = np.empty((len(user_x), self.config.embedding_dim), dtype=np.float32)
-        for lo in range(0, len(user_x), INFERENCE_BATCH):
+    def _embed(self, tower: Callable[..., torch.Tensor], x: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
+        """Run one tower in batches (bounded memory)."""
+        out = np.empty((len(x), self.config.embedding_dim), dtype=np.float32)
+        for lo in range(0, len(x), INFERENCE_BATCH):
             hi = lo + INFERENCE_BATCH
-            out[lo:hi] = self.net_.user(user_x[lo:hi], history_ids[lo:hi]).numpy()
+            out[lo:hi] = tower(x[lo:hi], ids[lo:hi]).numpy()
         return out
 
-    @torch.no_grad()
+    def _embed_users(self, user_x: torch.Tensor, history_ids: torch.Tensor) -> np.ndarray:
+        return self._embed(self.net_.user, user_x, history_ids)
+
     def _embed_items(self, item_x: torch.Tensor, item_ids: torch.Tensor) -> np.ndarray:
-        out = np.empty((len(item_x), self.config.embedding_dim), dtype=np.float32)
-        for lo in range(0, len(item_x), INFERENCE_BATCH):
-            hi = lo + INFERENCE_BATCH
-            out[lo:hi] = self.net_.item(item_x[lo:hi], item_ids[lo:hi]).numpy()
-        return out
+        return self._embed(self.net_.item, item_x, item_ids)
 
     def user_embeddings(self, user_x: np.ndarray, history: np.ndarray) -> np.ndarray:
         """float32 (n, embedding_dim), unit-norm. ``history`` holds rows of the item table seen at fit (or -1);
