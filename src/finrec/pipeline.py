@@ -144,12 +144,7 @@ def recommend(
     if unknown_ids:
         # Customers the data does not know: no profile, so only products without rules that need one.
         empty = pd.DataFrame({c: [np.nan] for c in ds.users.columns if c != "user_id"})
-        from finrec.rules.eligibility import ProductRules, SuitabilityPolicy
-
-        r = settings.rules
-        cold = ProductRules.from_frames(empty, ds.products, SuitabilityPolicy(
-            tuple(r.suitability_categories) if r.suitability_categories is not None else None,
-            r.max_risk_above_tolerance))  # fmt: skip
+        cold = rules_for(ds, settings, users=empty)
         ok = cold.allowed(np.zeros(1, dtype=np.int64), at=cutoff)[0]
         pop = model.popularity_scores(builder)
         order = np.asarray([i for i in np.argsort(-pop, kind="stable") if ok[i]][:k], dtype=np.int64)

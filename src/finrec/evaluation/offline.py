@@ -109,7 +109,7 @@ def evaluate_model(
     pop += 1e-6 * np.log1p(np.bincount(ev_before.product, minlength=ds.n_products))  # tie-break by exposure
     had_history = np.isin(users, np.unique(ev_before.user))
 
-    truth = _load_truth(ground_truth, ds, split) if ground_truth is not None else None
+    truth = _load_truth(ground_truth, ds, split, snap.held) if ground_truth is not None else None
     ranked: dict[str, list[np.ndarray]] = {m: [] for m in MODELS if m != "oracle" or truth is not None}
     retrieved: list[np.ndarray] = []
     true_gain: dict[str, list[np.ndarray]] = {m: [] for m in ranked}
@@ -215,7 +215,8 @@ def _notes(models: dict[str, Any], k: int, has_truth: bool) -> list[str]:
     return notes
 
 
-def _load_truth(path: Path, ds: Dataset, split: TemporalSplit) -> dict[str, Any]:
+def _load_truth(path: Path, ds: Dataset, split: TemporalSplit, held: pd.DataFrame) -> dict[str, Any]:
+    """The oracle's propensities at the evaluation cutoff; ``held`` is the snapshot's (user, product) holdings."""
     from finrec.data.synthetic.truth import GroundTruth
 
     gt = GroundTruth.load(path)
@@ -229,12 +230,8 @@ def _load_truth(path: Path, ds: Dataset, split: TemporalSplit) -> dict[str, Any]
     cut = pd.Timestamp(split.eval_cutoff, unit="s", tz="UTC")
     month = (cut.year - start.year) * 12 + cut.month - start.month
     day = int((cut - start).days)
-    ev = ds.events.before(split.eval_cutoff)
-    own = np.isin(ev.etype, [ETYPE["approve"], ETYPE["hold"], ETYPE["close"]])
-    last = pd.DataFrame({"u": ev.user[own], "p": ev.product[own], "e": ev.etype[own]}).groupby(["u", "p"])["e"].last()
-    owned = last[last != ETYPE["close"]].reset_index()
     held_cat = np.zeros((ds.n_users, len(gt.info.categories)), dtype=np.int8)
-    held_cat[owned["u"].to_numpy(), gt.products["category"][truth_products[owned["p"].to_numpy()]]] = 1
+    held_cat[held["user"].to_numpy(), gt.products["category"][truth_products[held["product"].to_numpy()]]] = 1
 
     def matrix(users: np.ndarray) -> np.ndarray:
         full = gt.propensity_matrix(gt.users["user_id"][truth_users[users]], held=held_cat[users], month=month, day=day)

@@ -70,6 +70,15 @@ class TwoStageModel:
         self.pair_columns = pair_columns
         self.popularity = popularity  # per training product row, log-scale engaged count
         self.config = config
+        # Per-snapshot work that every block of customers shares: dense customer features,
+        # product embeddings, candidate indexes. One entry; a new snapshot replaces it. The
+        # snapshot itself is kept so its id cannot be reused while the entry lives.
+        self._cache: tuple[Snapshot, dict[str, Any]] | None = None
+
+    def _snapshot_cache(self, snap: Snapshot) -> dict[str, Any]:
+        if self._cache is None or self._cache[0] is not snap:
+            self._cache = (snap, {})
+        return self._cache[1]
 
     def stages(self) -> dict[str, str]:
         """What each stage is in this bundle (a fallback says so)."""
@@ -86,13 +95,27 @@ class TwoStageModel:
 
     def item_embeddings(self, builder: FeatureBuilder, snap: Snapshot) -> np.ndarray:
         assert self.retriever is not None
-        return self.retriever.item_embeddings(self.space.product_dense(snap), self.product_rows(builder))
+        cache = self._snapshot_cache(snap)
+        if "items" not in cache:
+            cache["items"] = self.retriever.item_embeddings(self.space.product_dense(snap), self.product_rows(builder))
+        items: np.ndarray = cache["items"]
+        return items
+
+    def _index(self, builder: FeatureBuilder, snap: Snapshot, kind: str) -> Any:
+        cache = self._snapshot_cache(snap)
+        key = f"index:{kind}"
+        if key not in cache:
+            cache[key] = make_index(kind, self.item_embeddings(builder, snap))  # type: ignore[arg-type]
+        return cache[key]
 
     def user_embeddings(
         self, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, history: np.ndarray
     ) -> np.ndarray:
         assert self.retriever is not None
-        ux = self.space.user_dense(snap)[users]
+        cache = self._snapshot_cache(snap)
+        if "user_dense" not in cache:
+            cache["user_dense"] = self.space.user_dense(snap)
+        ux = cache["user_dense"][users]
         # History holds current product rows; the model's id table is indexed by training rows.
         rows = self.product_rows(builder)
         h = history[users]
@@ -135,7 +158,7 @@ class TwoStageModel:
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             s = np.take_along_axis(scores, top, axis=1)
             return s, np.where(np.isfinite(s), top, -1)
-        index = make_index(index_kind, self.item_embeddings(builder, snap))  # type: ignore[arg-type]
+        index = self._index(builder, snap, index_kind)
         q = self.user_embeddings(builder, snap, users, history)
         k = min(n_candidates, allowed.shape[1])
         scores, items = index.search(q, k, exclude=~allowed)

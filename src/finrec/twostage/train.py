@@ -43,10 +43,12 @@ class TrainingReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def rules_for(ds: Dataset, settings: FinrecSettings) -> ProductRules:
+def rules_for(ds: Dataset, settings: FinrecSettings, users: pd.DataFrame | None = None) -> ProductRules:
+    """The configured rules over the dataset's products, for its customers or the given ``users`` frame."""
     r = settings.rules
     cats = tuple(r.suitability_categories) if r.suitability_categories is not None else None
-    return ProductRules.from_frames(ds.users, ds.products, SuitabilityPolicy(cats, r.max_risk_above_tolerance))
+    policy = SuitabilityPolicy(cats, r.max_risk_above_tolerance)
+    return ProductRules.from_frames(ds.users if users is None else users, ds.products, policy)
 
 
 def held_mask(snap: Snapshot, users: np.ndarray, n_products: int) -> np.ndarray:
