@@ -312,6 +312,146 @@ def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines).strip("\n")
 
 
+# -- serve and audit ----------------------------------------------------------------------------
+
+
+def _free_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise FinrecError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                              hint="stop what uses the port or pass another --port") from None  # fmt: skip
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", "-m", help="Model bundle to serve (written by `finrec train`).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Dataset with the customers and products to serve. "
+                     "Default: the dataset the model was trained on (from its manifest)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on. Default: 127.0.0.1.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port. Default: 8000.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Server processes, each with its own copy of the model. Default: 1.")
+    ] = None,
+    clock: Annotated[
+        str | None,
+        typer.Option(help="`wall` (default): the machine's clock. `data`: time continues from the end of the data, "
+                     "for replaying a synthetic world (cooling-off and frequency caps then see its events)."),
+    ] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every request as a JSON line (route, status, ms).")] = False,
+) -> None:
+    """Serve the API: GET /recommend/{user_id}, POST /recommend, POST /events, /health, /ready, /metrics, /docs.
+
+    Loads the model and the customers' data, then listens with uvicorn (uvloop, httptools). Every answer
+    passes the guardrails before any scoring and is written to the audit log (see `finrec audit`).
+    Logs are JSON lines on stderr. Stop with Ctrl-C.
+    """
+    import uvicorn
+
+    from finrec.serving.app import create_app
+    from finrec.serving.logs import configure_json_logging
+    from finrec.serving.service import Service
+
+    base = _settings(ctx)
+    updates = {k: v for k, v in {"model_dir": model_dir, "data": data, "host": host, "port": port,
+                                 "workers": workers, "clock": clock}.items() if v is not None}  # fmt: skip
+    try:
+        serve_settings = type(base.serve).model_validate({**base.serve.model_dump(), **updates})
+    except ValueError as exc:
+        raise FinrecError(f"invalid option: {exc}", hint="see `finrec serve --help`") from None
+    settings = base.model_copy(update={"serve": serve_settings})
+    srv = settings.serve
+    if srv.model_dir is None:
+        raise FinrecError("no model to serve", hint="pass --model-dir (a bundle written by `finrec train`)")
+    _free_port(srv.host, srv.port)
+    configure_json_logging()
+    if access_log:
+        os.environ["FINREC_ACCESS_LOG"] = "1"
+    common = {"host": srv.host, "port": srv.port, "loop": "uvloop", "http": "httptools", "access_log": False,
+              "log_config": None, "timeout_graceful_shutdown": 10}  # fmt: skip
+    if srv.workers == 1:
+        service = Service.from_settings(settings)
+        out.print(f"serving model {service.recommender.model.version} on http://{srv.host}:{srv.port} "
+                  f"(Swagger UI: http://{srv.host}:{srv.port}/docs)")  # fmt: skip
+        try:
+            uvicorn.run(create_app(settings, service=service), **common)  # type: ignore[arg-type]
+        finally:
+            service.close()
+        return
+    # Several processes: each worker builds its own app from FINREC_* variables; metrics are shared via files.
+    import tempfile
+
+    from finrec.pipeline import load_model
+
+    load_model(srv.model_dir)  # a missing or corrupt bundle fails here, clearly, not in every worker
+    os.environ["FINREC_SERVE__MODEL_DIR"] = str(srv.model_dir.resolve())
+    if srv.data is not None:
+        os.environ["FINREC_SERVE__DATA"] = str(srv.data.resolve())
+    os.environ["FINREC_SERVE__CLOCK"] = srv.clock
+    os.environ["FINREC_WORKSPACE"] = str(settings.workspace.resolve())
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="finrec-metrics-")
+    out.print(f"serving {srv.model_dir} with {srv.workers} workers on http://{srv.host}:{srv.port}")
+    uvicorn.run("finrec.serving.app:app_from_environment", factory=True, workers=srv.workers,
+                **common)  # type: ignore[arg-type]  # fmt: skip
+
+
+@app.command()
+def audit(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", "-u", help="Customer id whose answers to show.")],
+    limit: Annotated[int, typer.Option(help="Show at most this many of the latest answers.", min=1)] = 20,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the records as JSON lines.")] = False,
+    audit_log: Annotated[
+        Path | None, typer.Option(help="Audit log file. Default: serve.audit_log, else <workspace>/audit/audit.jsonl.")
+    ] = None,
+) -> None:
+    """Show what a customer was shown and why: the audit records of their answers, oldest first.
+
+    Records are keyed by a pseudonym (a keyed hash of the customer id); the key file next to the log
+    turns the id into the pseudonym. Without that key no record can be found.
+    """
+    from finrec.serving.audit import read_records
+
+    settings = _settings(ctx)
+    path, key_path = settings.serve.audit_paths(settings.workspace)
+    if audit_log is not None:
+        path, key_path = audit_log, settings.serve.audit_key_file or audit_log.with_name("audit.key")
+    if not key_path.is_file():
+        raise FinrecError(f"no audit key at {key_path}", hint="pass --audit-log of a service's log (its key "
+                          "audit.key sits next to it) or set serve.audit_key_file")  # fmt: skip
+    key = bytes.fromhex(key_path.read_text().strip())
+    result = read_records(path, key, user.strip(), limit)
+    if json_output:
+        for r in result.records:
+            out.print_json(json.dumps(r))
+        return
+    if not result.records:
+        out.print(f"no answers recorded for customer {user!r} in {path}")
+    for r in result.records:
+        table = Table(title=f"{r.get('time')}  request {r.get('request_id')}  model {r.get('model_version')}"
+                            f"{'  arm ' + str(r['arm']) if r.get('arm') else ''}", title_justify="left")  # fmt: skip
+        for col in ("rank", "product", "score", "reasons"):
+            table.add_column(col)
+        for it in r.get("items", []):
+            table.add_row(str(it.get("rank")), str(it.get("product_id")), f"{it.get('score', 0):.4f}",
+                          ", ".join(it.get("reasons", [])))  # fmt: skip
+        out.print(table)
+        removed = {k: v for k, v in (r.get("excluded") or {}).items() if v}
+        out.print("removed before scoring: " + (", ".join(f"{k} {v}" for k, v in removed.items()) or "none"))
+    if result.skipped_lines:
+        err.print(f"[yellow]warning[/]: {result.skipped_lines} unreadable line(s) skipped in {path}")
+
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 
@@ -322,18 +462,24 @@ def demo(
         Path | None, typer.Option(help="Folder for the demo's data (and later models). Default: settings.workspace.")
     ] = None,
     regenerate: Annotated[bool, typer.Option(help="Generate the world again even if it already exists.")] = False,
+    serve_api: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve the API at the end (until Ctrl-C).")
+    ] = True,
 ) -> None:
-    """Run the main job on embedded defaults: synthetic world, validation, training, evaluation.
+    """Run the main job on embedded defaults: synthetic world, validation, training, evaluation, the API.
 
     Writes the world, the model bundle and the evaluation report (JSON and HTML) under the
-    workspace. The API on port 8000 joins when it lands; what is not built yet is said
-    plainly, never faked.
+    workspace, then serves the API on http://127.0.0.1:8000 (Swagger UI at /docs) until Ctrl-C.
     """
     from finrec.artifacts import read_manifest
     from finrec.data.synthetic.generate import WorldConfig, generate_world
 
     settings = _settings(ctx)
     ws = workspace or settings.workspace
+    settings = settings.model_copy(update={"workspace": ws})  # the service's audit log and events go there too
+    ctx.obj["settings"] = settings
+    if serve_api:
+        _free_port(settings.serve.host, settings.serve.port)  # fail now, not after training
     data = ws / "data"
     g = settings.generate
     cfg = WorldConfig(
@@ -359,12 +505,15 @@ def demo(
     ctx.invoke(train, ctx=ctx, data=data, model_dir=model_dir)
     out.rule("[bold]4. offline evaluation")
     ctx.invoke(evaluate, ctx=ctx, model_dir=model_dir, data=data, output=ws / "report.json", ground_truth=None)
+    if not serve_api:
+        out.print(f"done; serve the model with: finrec serve --model-dir {model_dir} --data {data}")
+        return
     out.rule("[bold]5. API")
-    out.print(
-        "[yellow]not built yet[/]: the API on http://127.0.0.1:8000 (GET /recommend/{user_id}, Swagger at /docs) "
-        "comes with issue #4. Nothing is served. Batch recommendations work today:\n"
-        f"  finrec recommend --model-dir {model_dir} --data {data} --users FILE --k 10 --output recs.csv"
-    )
+    srv = settings.serve
+    out.print(f"try: curl 'http://{srv.host}:{srv.port}/recommend/1?k=5'   Swagger UI: http://{srv.host}:{srv.port}/docs"
+              "   stop: Ctrl-C")  # fmt: skip
+    ctx.invoke(serve, ctx=ctx, model_dir=model_dir, data=data, host=None, port=None, workers=None,
+               clock=None, access_log=False)  # fmt: skip
 
 
 def main() -> None:

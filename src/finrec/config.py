@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from finrec.data.contract import EVENT_TYPES
@@ -143,6 +143,53 @@ class EvaluateSettings(_Section):
     max_users: int = Field(100_000, ge=100, description="Evaluation customers sampled at most.")
 
 
+class ServeSettings(_Section):
+    """`finrec serve`: the online API, its guardrails, audit log and event store."""
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    workers: int = Field(1, ge=1, le=64, description="Server processes (each loads the model).")
+    model_dir: Path | None = Field(None, description="Model bundle to serve (`finrec serve --model-dir`).")
+    data: Path | None = Field(
+        None,
+        description="Dataset with the customers and products to serve (default: the one the model was trained on).",
+    )
+    clock: Literal["wall", "data"] = Field(
+        "wall",
+        description="`wall`: the machine's clock. `data`: time continues from the end of the data (replaying a "
+        "synthetic world: cooling-off, frequency caps and launch dates then apply to its events).",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Key of the admin endpoints (header X-API-Key). Unset: admin endpoints are off."
+    )
+    cooling_off_days: float = Field(30, ge=0, description="Days after a decline during which a product is not shown.")
+    frequency_cap: int = Field(
+        3, ge=0, description="Impressions of one product within the window after which it is rested (0: no cap)."
+    )
+    frequency_window_days: float = Field(7, gt=0, description="Window of the frequency cap (days).")
+    require_marketing_consent: bool = Field(
+        False, description="Treat unknown marketing consent as an opt-out (an explicit opt-out always is)."
+    )
+    max_reasons: int = Field(3, ge=0, le=10, description="Model reasons given per item (rule reasons are added).")
+    audit_log: Path | None = Field(None, description="Audit log file (default: <workspace>/audit/audit.jsonl).")
+    audit_key_file: Path | None = Field(
+        None, description="Key of the customer pseudonyms in the audit log (default: <workspace>/audit/audit.key; "
+        "created when missing; keep it secret and keep it: without it old records cannot be looked up)."
+    )
+    event_store: str | None = Field(
+        None, description="Where accepted events go: `sqlite:///path/events.db` (default: <workspace>/events.db) "
+        "or `memory://` (lost on exit)."
+    )
+    max_events_per_request: int = Field(1000, ge=1, le=100_000, description="Largest POST /events batch.")
+
+    def audit_paths(self, workspace: Path) -> tuple[Path, Path]:
+        audit = self.audit_log or workspace / "audit" / "audit.jsonl"
+        return audit, self.audit_key_file or audit.with_name("audit.key")
+
+    def event_store_url(self, workspace: Path) -> str:
+        return self.event_store or f"sqlite:///{(workspace / 'events.db').resolve()}"
+
+
 class FinrecSettings(BaseSettings):
     """All finrec settings. See ``finrec config show`` for the resolved values."""
 
@@ -164,6 +211,7 @@ class FinrecSettings(BaseSettings):
     rules: RulesSettings = Field(default_factory=lambda: RulesSettings())
     train: TrainSettings = Field(default_factory=lambda: TrainSettings())
     evaluate: EvaluateSettings = Field(default_factory=lambda: EvaluateSettings())
+    serve: ServeSettings = Field(default_factory=lambda: ServeSettings())
 
     @classmethod
     def settings_customise_sources(

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -105,11 +110,45 @@ def test_config_show_reflects_file_and_environment(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_what_exists_and_says_what_does_not(tmp_path: Path) -> None:
-    env = {"FINREC_GENERATE__USERS": "400", "FINREC_GENERATE__PRODUCTS": "20", "FINREC_GENERATE__MONTHS": "2"}
-    res = finrec("demo", "--workspace", str(tmp_path / "ws"), env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "valid" in res.stdout and "trained" in res.stdout and "not built yet" in res.stdout
+def test_demo_runs_the_whole_job_and_serves_the_api(tmp_path: Path) -> None:
+    port = _free_tcp_port()
+    env = {"FINREC_GENERATE__USERS": "400", "FINREC_GENERATE__PRODUCTS": "20", "FINREC_GENERATE__MONTHS": "2",
+           "FINREC_SERVE__PORT": str(port)}  # fmt: skip
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")} | env | {"COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "finrec", "demo", "--workspace", str(tmp_path / "ws")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)  # fmt: skip
+    try:
+        body = _wait_for_json(f"http://127.0.0.1:{port}/recommend/1?k=3", proc, timeout=600)
+        assert body["user_id"] == "1" and len(body["items"]) <= 3
+        # 20 products and some opted out of marketing: not everyone gets an answer, most customers do.
+        answers = [_wait_for_json(f"http://127.0.0.1:{port}/recommend/{u}?k=3", proc, 10) for u in range(1, 21)]
+        assert sum(1 <= len(a["items"]) <= 3 for a in answers) >= 10, answers
+        assert all(item["reasons"] for a in answers for item in a["items"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout + stderr
+    assert "valid" in stdout and "trained" in stdout and "Traceback" not in stdout + stderr
     assert (tmp_path / "ws" / "report.html").is_file() and (tmp_path / "ws" / "model" / "manifest.json").is_file()
-    again = finrec("demo", "--workspace", str(tmp_path / "ws"), env=env)
+    assert (tmp_path / "ws" / "audit" / "audit.jsonl").is_file()  # the answer above was audited
+    again = finrec("demo", "--workspace", str(tmp_path / "ws"), "--no-serve", env=env)
     assert again.returncode == 0 and "reusing" in again.stdout
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_json(url: str, proc: subprocess.Popen[str], timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"demo exited early ({proc.returncode}): {proc.communicate()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return dict(json.loads(r.read()))
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout} s")

@@ -19,6 +19,7 @@ features; everything else is simply absent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
@@ -30,6 +31,7 @@ from finrec.data.dataset import ETYPE, Dataset
 
 DAY = 86_400
 WINDOWS = (30, 90, 365)
+PAIR_HISTORY_COUNTS = ("seen", "clicked", "applied", "declined")
 _BEHAVIOUR_TYPES = ("impression", "view", "click", "apply", "approve", "decline")
 _ENGAGED = (ETYPE["click"], ETYPE["apply"], ETYPE["approve"], ETYPE["decline"])
 _OWNERSHIP = (ETYPE["approve"], ETYPE["hold"], ETYPE["close"])
@@ -74,6 +76,34 @@ def _columns_as_features(table: pd.DataFrame, skip: set[str]) -> tuple[pd.DataFr
             out[c] = s.astype(object)
             categorical.append(c)
     return out, numeric, categorical
+
+
+def profile_pair_features(
+    ucol: Callable[[str], np.ndarray | None], pcol: Callable[[str], np.ndarray | None]
+) -> dict[str, np.ndarray]:
+    """Pair features that need only the two profiles: eligibility margins and the risk gap.
+
+    ``ucol(name)`` / ``pcol(name)`` give a customer / product column aligned with the pairs, or ``None`` when
+    the data lacks it. Shared by the offline builder and the online service, so both compute them alike.
+    """
+    out: dict[str, np.ndarray] = {}
+    credit, min_credit = ucol("credit_score"), pcol("min_credit_score")
+    if credit is not None and min_credit is not None:
+        out["credit_margin"] = credit - min_credit
+    income, min_income = ucol("income"), pcol("min_income")
+    if income is not None and min_income is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["income_ratio"] = np.log(np.maximum(income, 1) / np.maximum(min_income, 1))
+    age = ucol("age")
+    if age is not None:
+        for c, sign in (("min_age", 1), ("max_age", -1)):
+            v = pcol(c)
+            if v is not None:
+                out[f"age_margin_{c}"] = sign * (age - v)
+    tol, risk = ucol("risk_tolerance"), pcol("risk_level")
+    if tol is not None and risk is not None:
+        out["risk_gap"] = risk - tol
+    return out
 
 
 class FeatureBuilder:
@@ -269,22 +299,8 @@ class FeatureBuilder:
         def pcol(c: str) -> np.ndarray | None:
             return P[c].to_numpy(np.float64)[products] if c in P.columns else None
 
-        credit, min_credit = ucol("credit_score"), pcol("min_credit_score")
-        if credit is not None and min_credit is not None:
-            out["credit_margin"] = credit - min_credit
-        income, min_income = ucol("income"), pcol("min_income")
-        if income is not None and min_income is not None:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out["income_ratio"] = np.log(np.maximum(income, 1) / np.maximum(min_income, 1))
-        age = ucol("age")
-        if age is not None:
-            for c, sign in (("min_age", 1), ("max_age", -1)):
-                v = pcol(c)
-                if v is not None:
-                    out[f"age_margin_{c}"] = sign * (age - v)
-        tol, risk = ucol("risk_tolerance"), pcol("risk_level")
-        if tol is not None and risk is not None:
-            out["risk_gap"] = risk - tol
+        for c, v in profile_pair_features(ucol, pcol).items():
+            out[c] = v
         if snap.n_categories:
             cat = snap.category_codes[products]
             out["category_affinity"] = snap.category_affinity[users, cat]
@@ -304,32 +320,50 @@ class FeatureBuilder:
             out[c] = hist[c].to_numpy()
         return out
 
+    @staticmethod
+    def _pair_history_sql(cutoff: int) -> str:
+        return f"""count(*) FILTER (WHERE e = {ETYPE["impression"]}) AS seen,
+                  count(*) FILTER (WHERE e = {ETYPE["click"]}) AS clicked,
+                  count(*) FILTER (WHERE e = {ETYPE["apply"]}) AS applied,
+                  count(*) FILTER (WHERE e = {ETYPE["decline"]}) AS declined,
+                  ({cutoff} - max(ts) FILTER (WHERE e = {ETYPE["impression"]})) / {DAY}.0 AS days_since_seen"""
+
+    @staticmethod
+    def _pair_history_frame(df: pd.DataFrame, rows: np.ndarray, n: int) -> pd.DataFrame:
+        out = pd.DataFrame(index=pd.RangeIndex(n))
+        for c in PAIR_HISTORY_COUNTS:
+            full = np.zeros(n)
+            full[rows] = np.log1p(df[c].to_numpy(np.float64))
+            out[f"pair_{c}"] = full
+        full = np.full(n, np.nan)
+        full[rows] = df["days_since_seen"].to_numpy(np.float64)
+        out["pair_days_since_seen"] = full
+        return out
+
     def _pair_history(self, cutoff: int, users: np.ndarray, products: np.ndarray) -> pd.DataFrame:
         cand = pa.table(
             {"i": np.arange(len(users), dtype=np.int64), "u": users.astype(np.int32), "p": products.astype(np.int32)}
         )
         self.con.register("cand", cand)
         df = self.con.execute(
-            f"""SELECT cand.i,
-                  count(*) FILTER (WHERE e = {ETYPE["impression"]}) AS seen,
-                  count(*) FILTER (WHERE e = {ETYPE["click"]}) AS clicked,
-                  count(*) FILTER (WHERE e = {ETYPE["apply"]}) AS applied,
-                  count(*) FILTER (WHERE e = {ETYPE["decline"]}) AS declined,
-                  ({cutoff} - max(ts) FILTER (WHERE e = {ETYPE["impression"]})) / {DAY}.0 AS days_since_seen
+            f"""SELECT cand.i, {self._pair_history_sql(cutoff)}
                 FROM cand JOIN ev ON ev.u = cand.u AND ev.p = cand.p
                 WHERE ev.ts < {cutoff} GROUP BY cand.i"""
         ).df()
         self.con.unregister("cand")
-        out = pd.DataFrame(index=pd.RangeIndex(len(users)))
-        rows = df["i"].to_numpy()
-        for c in ("seen", "clicked", "applied", "declined"):
-            full = np.zeros(len(users))
-            full[rows] = np.log1p(df[c].to_numpy(np.float64))
-            out[f"pair_{c}"] = full
-        full = np.full(len(users), np.nan)
-        full[rows] = df["days_since_seen"].to_numpy(np.float64)
-        out["pair_days_since_seen"] = full
-        return out
+        return self._pair_history_frame(df, df["i"].to_numpy(), len(users))
+
+    def pair_history_table(self, cutoff: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+        """Every (user, product) pair with events before ``cutoff``, sorted: (user rows, product rows, features).
+
+        The features are the ``pair_*`` columns of :meth:`pair_features`, computed the same way; the online
+        service keeps this table so a request looks its pairs up instead of querying the event log.
+        """
+        df = self.con.execute(
+            f"SELECT u, p, {self._pair_history_sql(cutoff)} FROM ev WHERE ts < {cutoff} GROUP BY u, p ORDER BY u, p"
+        ).df()
+        feats = self._pair_history_frame(df, np.arange(len(df)), len(df))
+        return df["u"].to_numpy(np.int64), df["p"].to_numpy(np.int64), feats
 
     # -- labels and history ---------------------------------------------------------------------
     def labels(self, start: int, end: int, grades: dict[str, int]) -> pd.DataFrame:

@@ -85,8 +85,10 @@ class FeatureSpace:
             return np.zeros((n, 1), dtype=np.float32)
         return np.vstack([np.atleast_2d(p) for p in parts]).T.astype(np.float32)
 
-    def user_dense(self, snap: Snapshot) -> np.ndarray:
-        return self._dense(snap.users, self.user_numeric, self.user_vocab)
+    def user_dense(self, snap: Snapshot | pd.DataFrame) -> np.ndarray:
+        """Dense customer features of a snapshot, or of a frame with the snapshot's customer columns."""
+        users = snap if isinstance(snap, pd.DataFrame) else snap.users
+        return self._dense(users, self.user_numeric, self.user_vocab)
 
     def product_dense(self, snap: Snapshot) -> np.ndarray:
         return self._dense(snap.products, self.product_numeric, self.product_vocab)
@@ -113,23 +115,30 @@ class FeatureSpace:
         )
         return names, user_cat + prod_cat
 
+    def user_tabular(self, users: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), n_user_features) float64: the customer block of :meth:`tabular` for ``users`` rows."""
+        cols = [users[c].to_numpy(np.float64)[rows] if c in users else np.full(len(rows), np.nan)
+                for c in self.user_numeric]  # fmt: skip
+        cols += [self._codes(users, c, values, rows) for c, values in self.user_vocab.items()]
+        return np.column_stack(cols) if cols else np.zeros((len(rows), 0))
+
+    def product_tabular(self, products: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), n_product_features) float64: the product block of :meth:`tabular`."""
+        cols = [products[c].to_numpy(np.float64)[rows] if c in products else np.full(len(rows), np.nan)
+                for c in self.product_numeric]  # fmt: skip
+        cols += [self._codes(products, c, values, rows) for c, values in self.product_vocab.items()]
+        return np.column_stack(cols) if cols else np.zeros((len(rows), 0))
+
     def tabular(
         self, snap: Snapshot, users: np.ndarray, products: np.ndarray, pairs: pd.DataFrame, pair_columns: list[str]
     ) -> np.ndarray:
         """(len(users), n_features) float32 with NaN for missing, in the order of :meth:`tabular_names`."""
-        cols = []
-        for c in self.user_numeric:
-            cols.append(snap.users[c].to_numpy(np.float64)[users] if c in snap.users else np.full(len(users), np.nan))
-        for c, values in self.user_vocab.items():
-            cols.append(self._codes(snap.users, c, values, users))
-        for c in self.product_numeric:
-            v = snap.products[c].to_numpy(np.float64)[products] if c in snap.products else np.full(len(users), np.nan)
-            cols.append(v)
-        for c, values in self.product_vocab.items():
-            cols.append(self._codes(snap.products, c, values, products))
-        for c in pair_columns:
-            cols.append(pairs[c].to_numpy(np.float64) if c in pairs.columns else np.full(len(users), np.nan))
-        return np.column_stack(cols).astype(np.float32) if cols else np.zeros((len(users), 0), np.float32)
+        pair = [pairs[c].to_numpy(np.float64) if c in pairs.columns else np.full(len(users), np.nan)
+                for c in pair_columns]  # fmt: skip
+        blocks = [self.user_tabular(snap.users, users), self.product_tabular(snap.products, products)]
+        if pair:
+            blocks.append(np.column_stack(pair))
+        return np.hstack(blocks).astype(np.float32)
 
     # -- persistence ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -105,6 +105,34 @@ class ProductRules:
             risk_tolerance=col(users, "risk_tolerance"),
             regions=regions,
             n_products=len(products),
+        )
+
+    def with_users(self, users: pd.DataFrame) -> ProductRules:
+        """The same product rules over other customers (e.g. a prospect's profile).
+
+        The active rules stay those of the catalogue: a column the new frame lacks is a missing
+        attribute, which fails every rule that needs it (never a rule switched off by omission).
+        """
+        n = len(users)
+
+        def col(name: str, current: np.ndarray | None) -> np.ndarray | None:
+            if current is None:
+                return None
+            return users[name].to_numpy(dtype=np.float64) if name in users.columns else np.full(n, np.nan)
+
+        region = None
+        if self.region is not None:
+            pos = {r: i for i, r in enumerate(self.regions)}
+            raw = users["region"].tolist() if "region" in users.columns else [None] * n
+            region = np.array([pos.get(str(v), len(self.regions)) if v is not None else len(self.regions)
+                               for v in raw], dtype=np.int64)  # fmt: skip
+        return replace(
+            self,
+            credit=col("credit_score", self.credit),
+            income=col("income", self.income),
+            age=col("age", self.age),
+            region=region,
+            risk_tolerance=col("risk_tolerance", self.risk_tolerance),
         )
 
     def failures(self, users: np.ndarray, at: int | None = None) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Customer feedback events as they arrive at ``POST /events``: validation and the durable event log."""

@@ -1,0 +1,1 @@
+"""The online service: request-time logic, guardrails, reasons, audit, HTTP API."""

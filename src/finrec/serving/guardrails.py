@@ -1,0 +1,194 @@
+"""Hard rules that run before any scoring: what a customer may be shown at all.
+
+A request first computes the set of products the customer may see; only that
+set is ever retrieved and ranked, so no model, however wrong, can put a removed
+product in front of a customer. The guardrails, in the order they are counted:
+
+``marketing_opt_out``
+    the customer declined marketing (``marketing_consent`` = 0): nothing is shown;
+    with ``require_marketing_consent`` an unknown consent blocks too.
+eligibility rules (``launched``, ``region``, ``age``, ``credit``, ``income``)
+    the product's rules against the customer's profile (:mod:`finrec.rules.eligibility`);
+``suitability``
+    investment risk above the customer's risk tolerance (policy in settings);
+``held``
+    products the customer already holds (data, then live approve/hold/close events);
+``cooling_off``
+    a product the customer was declined for within ``cooling_off_days``;
+``frequency_cap``
+    a product shown ``frequency_cap`` times within ``frequency_window_days``.
+
+``excluded`` counts each removed product once, under the first guardrail in
+this order that removed it, so the counts add up to the products removed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from finrec.data.dataset import ETYPE
+from finrec.rules.eligibility import RULES, ProductRules
+from finrec.serving.state import ServingData
+
+DAY = 86_400
+#: Eligibility rules in the order they are counted (suitability comes after them).
+_RULE_ORDER = ("launched", "region", "age", "credit", "income", "suitability")
+assert set(_RULE_ORDER) == set(RULES)
+GUARDRAILS = ("marketing_opt_out", *_RULE_ORDER, "held", "cooling_off", "frequency_cap")
+
+
+@dataclass(frozen=True)
+class GuardrailPolicy:
+    """Settings of the behavioural guardrails (the eligibility rules come with the catalogue)."""
+
+    cooling_off_days: float = 30.0
+    frequency_cap: int = 3
+    frequency_window_days: float = 7.0
+    require_marketing_consent: bool = False
+
+
+@dataclass
+class GuardrailResult:
+    allowed: np.ndarray  # (n_products,) bool
+    excluded: dict[str, int]  # guardrail -> products it removed (first match in GUARDRAILS order)
+    passed_rules: dict[str, np.ndarray] = field(default_factory=dict)  # rule -> products that have it (and passed)
+
+
+class LiveState:
+    """What recent events say about each customer: declines, impressions, holdings changed since the data.
+
+    In-process and thread-safe; seeded from the dataset's recent events and updated by accepted events.
+    (Shared state across workers comes with the online feature store.)
+    """
+
+    def __init__(self, policy: GuardrailPolicy) -> None:
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._declined: dict[str, dict[int, int]] = defaultdict(dict)  # user -> product -> last decline ts
+        self._shown: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))  # recent impressions
+        self._held: dict[str, dict[int, bool]] = defaultdict(dict)  # user -> product -> holds (True) / closed
+
+    def seed(self, data: ServingData) -> None:
+        """Load the data's declines and impressions recent enough to matter at its cutoff."""
+        ev = data.ds.events
+        horizon = max(self.policy.cooling_off_days, self.policy.frequency_window_days) * DAY
+        recent = ev.between(int(data.cutoff - horizon), data.cutoff)
+        users = data.ds.users["user_id"].astype(str).to_numpy()
+        for etype in ("decline", "impression"):
+            m = recent.etype == ETYPE[etype]
+            self.record(etype, users[recent.user[m]], recent.product[m], recent.ts[m])
+
+    def record(self, event_type: str, users: np.ndarray | list[str], products: np.ndarray | list[int],
+               ts: np.ndarray | list[int]) -> None:  # fmt: skip
+        """Apply events of one type (parallel arrays of user ids, product rows, Unix seconds)."""
+        cap_keep = max(self.policy.frequency_cap, 1)
+        with self._lock:
+            for u, p, t in zip(users, products, ts, strict=True):
+                u, p, t = str(u), int(p), int(t)
+                if event_type == "decline":
+                    self._declined[u][p] = max(t, self._declined[u].get(p, t))
+                elif event_type == "impression":
+                    lst = self._shown[u][p]
+                    lst.append(t)
+                    if len(lst) > 4 * cap_keep:  # only the most recent ones can matter
+                        del lst[: len(lst) - cap_keep]
+                elif event_type in ("approve", "hold"):
+                    self._held[u][p] = True
+                elif event_type == "close":
+                    self._held[u][p] = False
+
+    def masks(self, user_id: str, n_products: int, now: float) -> tuple[np.ndarray, np.ndarray, dict[int, bool]]:
+        """(cooling-off mask, frequency-cap mask, live holdings changes) of one customer at ``now``."""
+        cool = np.zeros(n_products, dtype=bool)
+        cap = np.zeros(n_products, dtype=bool)
+        p = self.policy
+        with self._lock:
+            declined = dict(self._declined.get(user_id, {}))
+            shown = {k: list(v) for k, v in self._shown.get(user_id, {}).items()}
+            held = dict(self._held.get(user_id, {}))
+        since_decline = now - p.cooling_off_days * DAY
+        for prod, t in declined.items():
+            if t >= since_decline and prod < n_products:
+                cool[prod] = True
+        if p.frequency_cap > 0:
+            since_shown = now - p.frequency_window_days * DAY
+            for prod, times in shown.items():
+                if prod < n_products and sum(1 for t in times if since_shown <= t <= now) >= p.frequency_cap:
+                    cap[prod] = True
+        return cool, cap, held
+
+
+def rule_presence(rules: ProductRules) -> dict[str, np.ndarray]:
+    """Per rule, which products have it (a customer-facing 'you meet this requirement' applies only there)."""
+    n = rules.n_products
+    out: dict[str, np.ndarray] = {}
+    if rules.min_credit is not None:
+        out["credit"] = ~np.isnan(rules.min_credit)
+    if rules.min_income is not None:
+        out["income"] = ~np.isnan(rules.min_income)
+    if rules.age is not None and (rules.min_age is not None or rules.max_age is not None):
+        has = np.zeros(n, dtype=bool)
+        for v in (rules.min_age, rules.max_age):
+            if v is not None:
+                has |= ~np.isnan(v)
+        out["age"] = has
+    if rules.region_ok is not None:
+        out["region"] = np.asarray(~rules.region_ok.all(axis=1))
+    if rules.risk_level is not None and rules.risk_tolerance is not None:
+        out["suitability"] = ~np.isnan(rules.risk_level)
+    return out
+
+
+def apply_guardrails(
+    rules: ProductRules,
+    rule_row: int,
+    now: float,
+    consent: float,
+    held: np.ndarray,
+    live: LiveState,
+    user_id: str | None,
+) -> GuardrailResult:
+    """The products one customer may be shown and how many each guardrail removed.
+
+    Parameters
+    ----------
+    rules
+        Rules whose user arrays hold this customer at ``rule_row``.
+    consent
+        ``marketing_consent`` (1 yes, 0 no, NaN unknown).
+    held
+        Product rows the data says the customer holds.
+    user_id
+        Key of the live state (None for a prospect, who has no history).
+    """
+    n = rules.n_products
+    removed = np.zeros(n, dtype=bool)
+    excluded: dict[str, int] = {}
+
+    def take(name: str, mask: np.ndarray) -> None:
+        excluded[name] = int((mask & ~removed).sum())
+        removed[:] |= mask
+
+    opted_out = consent == 0 or (live.policy.require_marketing_consent and np.isnan(consent))
+    take("marketing_opt_out", np.full(n, opted_out))
+    fails = rules.failures(np.array([rule_row]), at=int(now))
+    for name in _RULE_ORDER:
+        if name in fails:
+            take(name, fails[name][0])
+    holds = np.zeros(n, dtype=bool)
+    holds[held] = True
+    cool = cap = np.zeros(n, dtype=bool)
+    if user_id is not None:
+        cool, cap, changes = live.masks(user_id, n, now)
+        for prod, now_held in changes.items():
+            if prod < n:
+                holds[prod] = now_held
+    take("held", holds)
+    take("cooling_off", cool)
+    take("frequency_cap", cap)
+    presence = {r: has & ~fails[r][0] for r, has in rule_presence(rules).items() if r in fails}
+    return GuardrailResult(~removed, excluded, presence)

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; handlers are thin: validate, call the Recommender, answer."""

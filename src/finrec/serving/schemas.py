@@ -1,0 +1,96 @@
+"""Request and response shapes of the HTTP API (pydantic), with the examples Swagger UI shows."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finrec.serving.recommender import MAX_K
+
+
+class Reason(BaseModel):
+    code: str = Field(description="Stable reason code (docs/reasons.md).", examples=["RISK_FIT"])
+    text: str = Field(description="Plain-language reason for the customer.", examples=["Fits your risk tolerance"])
+    kind: Literal["model", "rule"] = Field(description="`model`: drove the score; `rule`: a requirement met.")
+
+
+class Item(BaseModel):
+    product_id: str
+    name: str | None
+    category: str | None
+    provider: str | None
+    rank: int = Field(description="1 = best.")
+    score: float = Field(description="Ranker score (higher is better; comparable within one answer only).")
+    approval_odds: float | None = Field(description="Estimated chance an application is approved (null: not modelled).")
+    reasons: list[Reason]
+
+
+class RecommendationResponse(BaseModel):
+    request_id: str = Field(description="Id of this answer; send it back with the events it leads to.")
+    user_id: str | None = Field(description="The customer (null for a prospect).")
+    model_version: str
+    arm: str | None = Field(description="Experiment arm that served the answer (null: no experiment running).")
+    k: int
+    items: list[Item] = Field(description="Best first; fewer than k when fewer products pass the guardrails.")
+    excluded: dict[str, int] = Field(
+        description="Products each guardrail removed before scoring (each counted once, under the first "
+        "guardrail that removed it)."
+    )
+    candidates: int = Field(description="Products retrieved and ranked.")
+
+
+class Profile(BaseModel):
+    """What a prospect tells us about themselves; every field is optional, but a rule that needs a missing
+    field is failed (so a sparse profile sees fewer products, never unsuitable ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    age: int | None = Field(None, ge=0, le=120, examples=[34])
+    income: float | None = Field(None, ge=0, le=1e9, description="Annual income.", examples=[52000])
+    credit_score: float | None = Field(None, ge=0, le=1000, examples=[710])
+    risk_tolerance: int | None = Field(None, ge=1, le=5, description="1 (lowest) to 5.", examples=[3])
+    region: str | None = Field(None, max_length=64, examples=["north"])
+    employment_status: str | None = Field(None, max_length=64, examples=["employed"])
+    dependants: int | None = Field(None, ge=0, le=30, examples=[1])
+    marketing_consent: bool | None = Field(None, description="false: the prospect opted out; nothing is shown.")
+
+
+class ProspectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Profile
+    k: int = Field(10, ge=1, le=MAX_K)
+
+
+class Rejected(BaseModel):
+    index: int = Field(description="Position of the event in the batch (0-based).")
+    event_id: str | None
+    errors: list[str]
+
+
+class EventsResponse(BaseModel):
+    received: int
+    accepted: int = Field(description="Events stored now.")
+    duplicates: int = Field(description="Events whose event_id was already stored (re-deliveries are harmless).")
+    rejected: list[Rejected]
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str | None = Field(None, description="Bundle to load (default: reload the current folder).")
+
+
+class Problem(BaseModel):
+    error: str = Field(description="What is wrong.")
+    hint: str | None = Field(None, description="How to fix it.")
+    problems: list[dict[str, Any]] | None = Field(None, description="Each invalid field: where and why.")
+    request_id: str | None = None
+
+
+EVENTS_EXAMPLE = [
+    {"event_id": "e-1001", "user_id": "42", "product_id": "7", "event_type": "click",
+     "timestamp": "2026-11-25T10:15:00Z", "request_id": "9f1c...", "position": 2},  # fmt: skip
+    {"event_id": "e-1002", "user_id": "42", "product_id": "7", "event_type": "apply"},
+]

@@ -1,0 +1,185 @@
+"""A model bundle prepared for one-customer requests: retrieval, ranking and approval odds, vectorised.
+
+:class:`ServingModel` does at load time everything that is the same for every
+request (customer and product embeddings, the customer and product blocks of
+the ranker's features, the candidate index), so a request is: one masked
+inner-product search over the catalogue, a lookup of the candidates' pair
+features, the approval model and the ranker on those candidates only, and the
+ranker's per-feature contributions for the k returned items (their reasons).
+No Python loop over the catalogue and no DataFrame on the request path.
+
+It computes exactly what :meth:`TwoStageModel.recommend` computes offline for
+the same customers (a test compares them item by item), so what was evaluated
+is what is served.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from finrec.errors import ArtifactError
+from finrec.retrieval.index import make_index
+from finrec.serving.state import ServingData
+from finrec.twostage.model import TwoStageModel
+
+_EMBED_BLOCK = 50_000
+
+
+@dataclass
+class Ranked:
+    """One customer's ranked answer: product rows best first, with what the audit and the reasons need."""
+
+    items: np.ndarray  # (m,) int64, m <= k
+    scores: np.ndarray  # (m,) final ranker scores (demoted ones lowered)
+    approval: np.ndarray  # (m,) approval odds, NaN when not modelled
+    features: np.ndarray  # (m, n_features) float32 ranker inputs of the returned items
+    n_candidates: int  # candidates retrieved and ranked
+    timings: dict[str, float]  # seconds per step
+
+
+@dataclass
+class CustomerInputs:
+    """What the model needs about one customer: a known row or a prospect's profile."""
+
+    row: int  # -1 for a prospect
+    embedding: np.ndarray | None  # (dim,) float32; None without a retriever
+    tabular: np.ndarray  # (n_user_features,) float32
+    profile: dict[str, Any] | None = None
+
+
+class ServingModel:
+    """A :class:`TwoStageModel` bound to a :class:`ServingData`, ready for requests.
+
+    Parameters
+    ----------
+    model, manifest
+        The bundle and its manifest (the version comes from the manifest).
+    data
+        The customers' and products' state; shared by successive models on reload.
+    """
+
+    def __init__(self, model: TwoStageModel, manifest: dict[str, Any], data: ServingData) -> None:
+        self.model = model
+        self.manifest = manifest
+        self.data = data
+        self.version = str(manifest.get("metrics", {}).get("model_version") or "unversioned")
+        self.n_candidates = int(model.config.get("n_candidates", 100))
+        self.demote_below = float(model.config.get("demote_below", 0.2))
+        snap, builder = data.snap, data.builder
+        self.names, _ = model.space.tabular_names(model.pair_columns)
+        if model.ranker is not None and model.ranker.feature_names_ != self.names:
+            raise ArtifactError("the bundle's ranker features do not match its feature space",
+                                hint="the bundle is inconsistent; retrain with `finrec train`")  # fmt: skip
+        self.n_user = len(model.space.user_numeric) + len(model.space.user_vocab)
+        self.pair_columns = list(model.pair_columns)
+        self.approval_cols = model.approval_features(self.names) if model.approval is not None else []
+        self.odds_col = self.names.index("approval_odds") if "approval_odds" in self.names else -1
+        all_users = np.arange(data.n_users)
+        self.user_tab = model.space.user_tabular(snap.users, all_users).astype(np.float32)
+        self.product_tab = model.space.product_tabular(snap.products, np.arange(data.n_products)).astype(np.float32)
+        self.user_emb: np.ndarray | None = None
+        self.index: Any = None
+        if model.retriever is not None:
+            item_emb = model.item_embeddings(builder, snap)
+            self.index = make_index(str(model.config.get("index", "exact")), item_emb)  # type: ignore[arg-type]
+            history = data.history(int(model.config.get("history_length", 20)))
+            self.user_emb = np.vstack([
+                model.user_embeddings(builder, snap, all_users[s : s + _EMBED_BLOCK], history)
+                for s in range(0, data.n_users, _EMBED_BLOCK)
+            ]) if data.n_users else np.zeros((0, model.retriever.config.embedding_dim), np.float32)  # fmt: skip
+        self.popularity = model.popularity_scores(builder)
+
+    # -- customers ----------------------------------------------------------------------------------
+    def customer(self, row: int) -> CustomerInputs:
+        emb = self.user_emb[row] if self.user_emb is not None else None
+        return CustomerInputs(row, emb, self.user_tab[row])
+
+    def prospect(self, profile: dict[str, Any]) -> CustomerInputs:
+        frame = self.data.prospect_frame(profile)
+        tab = self.model.space.user_tabular(frame, np.zeros(1, np.int64)).astype(np.float32)[0]
+        emb = None
+        if self.model.retriever is not None:
+            dense = self.model.space.user_dense(frame)
+            hist = np.full((1, int(self.model.config.get("history_length", 20))), -1, dtype=np.int64)
+            emb = self.model.retriever.user_embeddings(dense, hist)[0]
+        return CustomerInputs(-1, emb, tab, dict(profile))
+
+    # -- the request path ---------------------------------------------------------------------------
+    def rank(self, who: CustomerInputs, allowed: np.ndarray, k: int) -> Ranked:
+        """The best ``k`` products among ``allowed`` (bool, one per product) for one customer.
+
+        Only allowed products are ever retrieved, so nothing the guardrails removed can be scored,
+        whatever the models do. Fewer than ``k`` allowed products give a shorter answer.
+        """
+        t0 = time.perf_counter()
+        n_cand = min(max(self.n_candidates, k), len(allowed))
+        if self.index is not None and who.embedding is not None:
+            s, i = self.index.search(who.embedding[None, :], n_cand, exclude=~allowed[None, :])
+            s, i = s[0].astype(np.float64), i[0].astype(np.int64)
+        else:  # popularity retrieval (the bundle's fallback)
+            pop = np.where(allowed, self.popularity, -np.inf)
+            i = np.argsort(-pop, kind="stable")[:n_cand]
+            s = pop[i]
+        keep = (i >= 0) & np.isfinite(s)
+        items, ret_s = i[keep], s[keep]
+        t1 = time.perf_counter()
+        n = len(items)
+        X = np.empty((n, len(self.names)), dtype=np.float32)
+        X[:, : self.n_user] = who.tabular
+        X[:, self.n_user : self.n_user + self.product_tab.shape[1]] = self.product_tab[items]
+        pairs = self.data.pair_block(who.row, items, self.pair_columns, who.profile)
+        for j, c in enumerate(self.pair_columns):
+            if c == "retrieval_score":
+                pairs[:, j] = ret_s
+            elif c == "retrieval_rank":
+                pairs[:, j] = np.arange(1, n + 1)
+        X[:, self.n_user + self.product_tab.shape[1] :] = pairs
+        t2 = time.perf_counter()
+        odds = np.full(n, np.nan)
+        if self.model.approval is not None and self.odds_col >= 0 and n:
+            odds = self.model.approval.predict_proba(X[:, self.approval_cols])
+            X[:, self.odds_col] = odds
+        t3 = time.perf_counter()
+        if self.model.ranker is not None and n:
+            score = self.model.ranker.predict(X)
+        else:
+            score = -np.arange(1, n + 1, dtype=np.float64)
+        # Likely declines go below every other candidate (a decline costs a hard credit inquiry).
+        final = np.where(np.nan_to_num(odds, nan=1.0) < self.demote_below, score - 1e6, score)
+        order = np.argsort(-final, kind="stable")[:k]
+        t4 = time.perf_counter()
+        timings = {"retrieval": t1 - t0, "features": t2 - t1, "approval": t3 - t2, "ranker": t4 - t3}
+        return Ranked(items[order], final[order], odds[order], X[order], n, timings)
+
+    def contributions(self, features: np.ndarray) -> np.ndarray | None:
+        """Per-feature contributions of the ranker to each row's score (None without a ranker)."""
+        if self.model.ranker is None or not len(features):
+            return None
+        return self.model.ranker.contributions(features)
+
+    def warm_up(self, rows: np.ndarray) -> None:
+        """Score a few customers end to end, so the first real request pays no lazy initialisation."""
+        for r in rows:
+            out = self.rank(self.customer(int(r)), np.ones(self.data.n_products, dtype=bool), 10)
+            if not np.all(np.isfinite(out.scores)):
+                raise ArtifactError(f"model {self.version} produced non-finite scores during warm-up",
+                                    hint="the bundle is broken; retrain with `finrec train`")  # fmt: skip
+            self.contributions(out.features[:1])
+
+    def describe(self) -> dict[str, Any]:
+        ranker = self.model.ranker
+        return {
+            "model_version": self.version,
+            "stages": self.model.stages(),
+            "candidates": self.n_candidates,
+            "trees": int(ranker.booster_.current_iteration()) if ranker is not None else 0,
+            "features": len(self.names),
+            "products": self.data.n_products,
+            "customers": self.data.n_users,
+            "data_cutoff": pd.Timestamp(self.data.cutoff, unit="s", tz="UTC").isoformat(),
+        }
