@@ -77,7 +77,7 @@ class FeatureSpace:
                 if c in df.columns
                 else pd.Series([None] * n)
             )
-            codes = pd.Categorical(col, categories=values).codes
+            codes = pd.Index(values).get_indexer(col)  # -1: missing or not in the vocabulary
             onehot = np.zeros((n, len(values) + 1))
             onehot[np.arange(n), np.where(codes < 0, len(values), codes)] = 1.0
             parts.append(onehot.T)
@@ -99,7 +99,7 @@ class FeatureSpace:
         if c not in df.columns:
             return np.full(len(rows), np.nan)
         col = df[c].to_numpy(dtype=object)[rows]
-        codes = pd.Categorical([None if x is None or x != x else str(x) for x in col], categories=values).codes
+        codes = pd.Index(values).get_indexer([None if x is None or x != x else str(x) for x in col])
         return np.where(codes < 0, len(values), codes).astype(np.float64)  # unseen/missing -> "other"
 
     def tabular_names(self, pair_columns: list[str]) -> tuple[list[str], list[str]]:
