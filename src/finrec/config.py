@@ -177,8 +177,8 @@ class ServeSettings(_Section):
         "created when missing; keep it secret and keep it: without it old records cannot be looked up)."
     )
     event_store: str | None = Field(
-        None, description="Where accepted events go: `sqlite:///path/events.db` (default: <workspace>/events.db) "
-        "or `memory://` (lost on exit)."
+        None, description="Where accepted events go: `sqlite:///path/events.db` (default: <workspace>/events.db), "
+        "`redis://host:6379/0` (shared by every worker and replica) or `memory://` (lost on exit)."
     )
     max_events_per_request: int = Field(1000, ge=1, le=100_000, description="Largest POST /events batch.")
 

@@ -1,8 +1,11 @@
 """The EventStore contract, run against every implementation.
 
 To check a new backend, add one line to ``BACKENDS``: a URL factory (given a fresh temporary folder per test, so
-each test gets an empty store) and whether the store is shared, i.e. a second ``open_event_store`` of the same
-URL, in this or another process, sees the same events.
+each test gets an empty store), whether the store is shared, i.e. a second ``open_event_store`` of the same
+URL, in this or another process, sees the same events, and optionally a cleanup run with the URL after the test.
+
+The Redis cases use the server at 127.0.0.1:6379 (database 15, a fresh key prefix per test, deleted afterwards)
+and skip when none answers there.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,19 +24,53 @@ import pytest
 
 from finrec.errors import ConfigError
 from finrec.events.schema import Event
-from finrec.events.store import EventStore, MemoryEventStore, SQLiteEventStore, open_event_store
+from finrec.events.store import EventStore, MemoryEventStore, RedisEventStore, SQLiteEventStore, open_event_store
 
 TS = 1_700_000_000
+REDIS = "redis://127.0.0.1:6379/15"
 
 
 class Backend(NamedTuple):
     url: Callable[[Path], str]
     shared: bool
+    cleanup: Callable[[str], None] | None = None
+
+
+@cache
+def redis_unavailable() -> str | None:
+    """Why the Redis cases cannot run, or None if a server answers at 127.0.0.1:6379."""
+    try:
+        import redis
+    except ImportError:
+        return "redis-py is not installed (pip install -e '.[redis]')"
+    try:
+        with redis.Redis.from_url(REDIS, socket_connect_timeout=1, socket_timeout=2) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        return f"no Redis server at 127.0.0.1:6379: {exc}"
+    return None
+
+
+def redis_url(tmp: Path | None = None) -> str:
+    if reason := redis_unavailable():
+        pytest.skip(reason)
+    return f"{REDIS}?prefix=finrec-test-{uuid.uuid4().hex}"
+
+
+def drop_redis_keys(url: str) -> None:
+    import redis
+
+    prefix = url.rpartition("prefix=")[2]
+    with redis.Redis.from_url(REDIS) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 BACKENDS = {
     "memory": Backend(lambda tmp: "memory://", shared=False),
     "sqlite": Backend(lambda tmp: f"sqlite:///{tmp / 'log' / 'events.db'}", shared=True),
+    "redis": Backend(redis_url, shared=True, cleanup=drop_redis_keys),
 }
 
 
@@ -41,8 +80,11 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 @pytest.fixture
-def store_url(backend: Backend, tmp_path: Path) -> str:
-    return backend.url(tmp_path)
+def store_url(backend: Backend, tmp_path: Path) -> Iterator[str]:
+    url = backend.url(tmp_path)
+    yield url
+    if backend.cleanup is not None:
+        backend.cleanup(url)
 
 
 @pytest.fixture
@@ -72,6 +114,17 @@ def test_append_is_idempotent_on_event_id(store: EventStore) -> None:
     assert store.append([]) == []
     assert store.count() == 5
     assert [e for _, e in store.read()] == [full, ev("e-2"), ev("e-3"), ev("e-4"), ev("e-5")]
+
+
+def test_text_and_numbers_round_trip_exactly(store: EventStore) -> None:
+    events = [
+        Event("é-1:x y", "C-ü", "P-1", "view", 2**40, position=100_000, request_id="r:1", channel="", arm="a b"),
+        Event("e-2", "C-1", "P-1", "click", 946_684_800, position=1, model_version="v-\u2603 🙂 \\ \" '"),
+        Event("e-3", "C-1", "P-1", "click", 0),
+    ]
+    assert store.append(events) == [True, True, True]
+    assert [e for _, e in store.read()] == events  # ints stay ints, "" stays "", None stays None
+    assert all(type(e.ts) is int and type(e.position) in (int, type(None)) for _, e in store.read())
 
 
 def test_read_returns_arrival_order_with_increasing_sequence_numbers_and_pages(store: EventStore) -> None:
@@ -212,7 +265,6 @@ def test_urls_pick_the_implementation(tmp_path: Path, monkeypatch: pytest.Monkey
         ("", "has no scheme"),
         ("events.db", "has no scheme"),
         ("postgres://db/events", "scheme 'postgres' is not supported"),
-        ("redis://user:secret@localhost:6379/0", "redis:// event stores are not supported yet"),
         ("memory://named", "memory:// takes none"),
         ("sqlite://events.db", "is not a SQLite file URL"),
         ("sqlite:///", "is not a SQLite file URL"),
@@ -224,7 +276,98 @@ def test_bad_urls_are_refused_with_the_supported_forms(url: str, message: str) -
     with pytest.raises(ConfigError, match=message) as caught:
         open_event_store(url)
     assert "memory://" in str(caught.value.hint) and "sqlite:///" in str(caught.value.hint)
-    assert "secret" not in str(caught.value)  # a Redis URL may carry a password
+    assert "redis://" in str(caught.value.hint)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://user:secret@localhost:port/0", "invalid host or port"),
+        ("redis://:secret@/0", "has no host"),
+        ("redis://user:secret@localhost:6379/zero", "must be a database number"),
+        ("redis://user:secret@localhost:6379/0?prefix=", "prefix must be given once"),
+        ("redis://user:secret@localhost:6379/0?prefix=a b", "prefix must be given once"),
+        ("redis://user:secret@localhost:6379/0?prefix=a&prefix=b", "prefix must be given once"),
+        ("redis://user:secret@localhost:6379/0?password=secret", "unknown options 'password'"),
+    ],
+)
+def test_bad_redis_urls_are_refused_without_showing_the_password(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        open_event_store(url)
+    assert "redis://host:port/db" in str(caught.value.hint)
+    assert "secret" not in str(caught.value)
+
+
+def test_an_unreachable_redis_is_a_config_error_naming_the_address() -> None:
+    with pytest.raises(ConfigError, match="no Redis server answers at 127.0.0.1:1: ") as caught:
+        open_event_store("redis://user:secret@127.0.0.1:1/0?prefix=x")  # nothing listens on port 1
+    assert "is Redis running? start one with `redis-server`" in str(caught.value.hint)
+    assert "secret" not in str(caught.value) and caught.value.__cause__ is not None
+
+
+@pytest.fixture
+def redis_prefix_url() -> Iterator[str]:
+    url = redis_url()
+    yield url
+    drop_redis_keys(url)
+
+
+def test_redis_stores_are_namespaced_by_prefix(redis_prefix_url: str) -> None:
+    import redis
+
+    other_url = redis_prefix_url + "-other"
+    first, other = open_event_store(redis_prefix_url), open_event_store(other_url)
+    try:
+        assert isinstance(first, RedisEventStore) and first.prefix == redis_prefix_url.rpartition("=")[2]
+        first.append([ev("e-1")])
+        assert other.append([ev("e-1"), ev("e-2")]) == [True, True] and first.count() == 1 and other.count() == 2
+        with redis.Redis.from_url(REDIS, decode_responses=True) as client:
+            key = f"{first.prefix}:events:"
+            assert set(client.scan_iter(match=f"{first.prefix}:*")) == {key + "ids", key + "seq", key + "stream"}
+            assert client.hgetall(key + "ids") == {"e-1": "1"} and client.get(key + "seq") == "1"
+            fields = {"event_id": "e-1", "user_id": "C-1", "product_id": "P-1", "event_type": "click", "ts": str(TS)}
+            assert client.xrange(key + "stream") == [("1-0", fields)]  # None fields are left out
+    finally:
+        first.close()
+        other.close()
+        drop_redis_keys(other_url)
+    default = open_event_store(REDIS)  # opening only reads; nothing is written under the default prefix
+    try:
+        assert isinstance(default, RedisEventStore) and default.prefix == "finrec"
+    finally:
+        default.close()
+
+
+def test_redis_never_reuses_numbers_and_a_failed_batch_stores_nothing(redis_prefix_url: str) -> None:
+    import redis
+
+    store = open_event_store(redis_prefix_url)
+    prefix = redis_prefix_url.rpartition("=")[2]
+    try:
+        store.append([ev("e-1"), ev("e-2")])
+        with redis.Redis.from_url(REDIS) as client:
+            client.delete(f"{prefix}:events:seq")  # lost, e.g. evicted: numbering carries on after the stream
+            store.append([ev("e-3")])
+            assert [seq for seq, _ in store.read()] == [1, 2, 3]
+            client.set(f"{prefix}:events:seq", "not a number")
+            with pytest.raises(redis.ResponseError, match="does not hold a sequence number"):
+                store.append([ev("e-4"), ev("e-5")])
+            assert store.count() == 3 and client.hlen(f"{prefix}:events:ids") == 3  # checked before any write
+            client.set(f"{prefix}:events:seq", "10")
+            assert store.append([ev("e-4"), ev("e-1")]) == [True, False]
+            assert [seq for seq, _ in store.read()] == [1, 2, 3, 11]
+    finally:
+        store.close()
+
+
+def test_a_redis_prefix_holding_other_data_is_refused(redis_prefix_url: str) -> None:
+    import redis
+
+    prefix = redis_prefix_url.rpartition("=")[2]
+    with redis.Redis.from_url(REDIS) as client:
+        client.set(f"{prefix}:events:stream", "something else")
+    with pytest.raises(ConfigError, match=f"cannot use prefix '{prefix}' .*:events:stream is a string"):
+        open_event_store(redis_prefix_url)
 
 
 def test_a_file_that_is_not_an_event_store_is_refused(tmp_path: Path) -> None:
