@@ -111,6 +111,21 @@ def write_manifest(
     return manifest
 
 
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists against its size and sha256; raises :class:`ArtifactError`.
+
+    Parsers of model files (LightGBM's among them) can crash the process on a truncated file instead of
+    raising, so a bundle is checked before anything reads it.
+    """
+    for name, meta in manifest.get("files", {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ArtifactError(f"{folder} is incomplete: {name} is missing", hint="copy or retrain the whole bundle")
+        if path.stat().st_size != meta.get("bytes") or sha256_file(path) != meta.get("sha256"):
+            raise ArtifactError(f"{folder}/{name} does not match its manifest (changed or damaged)",
+                                hint="copy or retrain the whole bundle")  # fmt: skip
+
+
 def read_manifest(folder: Path, kind: str | None = None) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():

@@ -190,6 +190,28 @@ class ServeSettings(_Section):
         return self.event_store or f"sqlite:///{(workspace / 'events.db').resolve()}"
 
 
+class MonitorSettings(_Section):
+    """`finrec monitor` and the `/dashboard` page: conversion, drift, guardrail health, fairness."""
+
+    bucket: Literal["hour", "day", "week"] = Field("day", description="Time bucket of the conversion curves.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the confidence intervals.")
+    psi_threshold: float = Field(
+        0.2, gt=0, description="Population stability index above which a feature (or the score) has drifted."
+    )
+    ks_threshold: float = Field(
+        0.1, gt=0, lt=1, description="Kolmogorov-Smirnov statistic above which a feature (or the score) has drifted."
+    )
+    drift_sample_users: int = Field(
+        5000, ge=100, description="Customers sampled for the drift reference and for each drift check."
+    )
+    fairness_min_ratio: float = Field(
+        0.8, gt=0, le=1, description="Adverse impact ratio (lowest group rate / highest) below which a disparity "
+        "is flagged (the four-fifths rule)."
+    )
+    fairness_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the fairness tests.")
+    min_group_size: int = Field(30, ge=1, description="Groups smaller than this are reported but not tested.")
+
+
 class FinrecSettings(BaseSettings):
     """All finrec settings. See ``finrec config show`` for the resolved values."""
 
@@ -212,6 +234,7 @@ class FinrecSettings(BaseSettings):
     train: TrainSettings = Field(default_factory=lambda: TrainSettings())
     evaluate: EvaluateSettings = Field(default_factory=lambda: EvaluateSettings())
     serve: ServeSettings = Field(default_factory=lambda: ServeSettings())
+    monitor: MonitorSettings = Field(default_factory=lambda: MonitorSettings())
 
     @classmethod
     def settings_customise_sources(

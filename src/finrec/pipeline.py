@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from finrec.artifacts import MANIFEST, atomic_dir, read_manifest, write_manifest
+from finrec.artifacts import MANIFEST, atomic_dir, read_manifest, verify_files, write_manifest
 from finrec.config import FinrecSettings
 from finrec.data.dataset import Dataset, load_dataset
 from finrec.errors import ArtifactError, FinrecError
@@ -68,7 +68,9 @@ def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool 
 
 
 def load_model(model_dir: Path) -> tuple[TwoStageModel, dict[str, Any]]:
+    """Read a bundle after checking every file against its manifest (sizes and checksums)."""
     manifest = read_manifest(model_dir, MODEL_KIND)
+    verify_files(model_dir, manifest)
     return TwoStageModel.load(model_dir), manifest
 
 

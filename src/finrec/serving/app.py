@@ -103,11 +103,17 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _problem_of(e: Any) -> dict[str, str]:
+    if e.get("type") == "json_invalid":
+        return {"where": "body", "message": f"not valid JSON (at character {e['loc'][-1]}): "
+                                            f"{e.get('ctx', {}).get('error', 'decode error')}"}  # fmt: skip
+    return {"where": _where(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")}
+
+
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"where": _where(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")}
-                    for e in exc.errors()]  # fmt: skip
+        problems = [_problem_of(e) for e in exc.errors()]
         first = problems[0] if problems else {"where": "request", "message": "invalid"}
         return _problem(422, f"invalid request: {first['where']}: {first['message']}",
                         "see /docs for the expected shape of this request", problems=problems)  # fmt: skip

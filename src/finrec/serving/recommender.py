@@ -80,6 +80,7 @@ class Recommender:
         clock: Callable[[], float] = time.time,
         future_tolerance_seconds: int = 300,
         max_reasons: int = 3,
+        max_events: int = 1000,
     ) -> None:
         self.live = live
         self.events = events
@@ -87,6 +88,7 @@ class Recommender:
         self.clock = clock
         self.future_tolerance_seconds = future_tolerance_seconds
         self.max_reasons = max_reasons
+        self.max_events = max_events
         self._active: tuple[ServingModel, ReasonMapper] = (model, ReasonMapper(model.names))
 
     # -- model lifecycle ------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Recommender:
         return out
 
     # -- feedback -------------------------------------------------------------------------------------
-    def ingest(self, items: list[Any]) -> dict[str, Any]:
+    def ingest(self, items: list[Any], max_batch: int | None = None) -> dict[str, Any]:
         """Validate and store a batch of feedback events; idempotent on ``event_id``.
 
         Returns how many were accepted, how many were already known (re-deliveries) and, for each
@@ -201,7 +203,7 @@ class Recommender:
         """
         model = self._active[0]
         batch = parse_events(items, model.data.product_row.__contains__, int(self.clock()),
-                             self.future_tolerance_seconds)  # fmt: skip
+                             self.future_tolerance_seconds, max_batch=max_batch or self.max_events)  # fmt: skip
         stored = self.events.append(batch.accepted) if batch.accepted else []
         new = [e for e, is_new in zip(batch.accepted, stored, strict=True) if is_new]
         by_type: dict[str, list[Any]] = {}

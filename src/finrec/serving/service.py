@@ -95,7 +95,7 @@ class Service:
             audit_log = AuditLog(audit_path, key)
         recommender = Recommender(served, live, events, audit_log, clock=make_clock(srv.clock, data.cutoff),
                                   future_tolerance_seconds=settings.validation.future_tolerance_seconds,
-                                  max_reasons=srv.max_reasons)  # fmt: skip
+                                  max_reasons=srv.max_reasons, max_events=srv.max_events_per_request)  # fmt: skip
         seconds = round(time.perf_counter() - t0, 2)
         log.info("service ready", extra={"model_version": served.version, "customers": data.n_users,
                                          "products": data.n_products, "seconds": seconds})  # fmt: skip

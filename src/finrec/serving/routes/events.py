@@ -31,7 +31,7 @@ def post_events(
         raise HTTPException(413, f"{len(events)} events in one request; at most {limit} are accepted, "
                                  "split the batch")  # fmt: skip
     try:
-        result = service.recommender.ingest(events)
+        result = service.recommender.ingest(events, max_batch=limit)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     m = service.metrics.events

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter(tags=["operations"])
@@ -26,7 +26,7 @@ async def ready(request: Request) -> Response:
                          "service_time": service.recommender.clock()})  # fmt: skip
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: requests and latency by route and status, model version, guardrail removals."""
     service = request.app.state.service
