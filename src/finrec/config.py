@@ -180,6 +180,12 @@ class ServeSettings(_Section):
         None, description="Where accepted events go: `sqlite:///path/events.db` (default: <workspace>/events.db), "
         "`redis://host:6379/0` (shared by every worker and replica) or `memory://` (lost on exit)."
     )
+    online_store: str = Field(
+        "memory://",
+        description="Online features (recent events per customer, live product counts): `memory://` (this process; "
+        "rebuilt from the event store at start-up), `sqlite:///path.db` (one host) or `redis://host:6379/0` "
+        "(shared by every worker and replica: a decline posted to one is seen by all).",
+    )
     max_events_per_request: int = Field(1000, ge=1, le=100_000, description="Largest POST /events batch.")
 
     def audit_paths(self, workspace: Path) -> tuple[Path, Path]:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,10 @@ from hypothesis import strategies as st
 
 from finrec.config import FinrecSettings
 from finrec.data.dataset import load_dataset
+from finrec.events.schema import Event
 from finrec.events.store import MemoryEventStore
+from finrec.features.builder import FeatureBuilder
+from finrec.features.online import Activity
 from finrec.pipeline import load_model
 from finrec.serving.guardrails import DAY, GUARDRAILS, GuardrailPolicy, LiveState
 from finrec.serving.recommender import Recommender, UnknownCustomerError
@@ -209,8 +213,9 @@ def test_held_declined_and_overexposed_products_are_never_served(
     uid = served.data.ds.users["user_id"].astype(str).iloc[user]
     now = rec.clock()
     t = int(now - days_ago * DAY)
-    rec.live.record("decline", [uid] * len(declines), declines, [t] * len(declines))
-    rec.live.record("impression", [uid] * len(shown), shown, [t] * len(shown))
+    pid = served.data.product_ids
+    rec.live.record([Event(f"d{i}", uid, pid[p], "decline", t) for i, p in enumerate(declines)]
+                    + [Event(f"s{i}", uid, pid[p], "impression", t) for i, p in enumerate(shown)])  # fmt: skip
     answer = rec.recommend(uid, 50)
     served_rows = {served.data.product_row[it["product_id"]] for it in answer.body["items"]}
     assert not served_rows & set(served.data.held(user).tolist())
@@ -238,3 +243,70 @@ def test_reasons_never_claim_what_the_item_contradicts(served: ServingModel) -> 
     codes = {r["code"] for it in answer.body["items"] for r in it["reasons"]}
     assert not codes & {"COMPLEMENTS_HOLDINGS", "TRUSTED_PROVIDER", "RECENT_INTEREST", "MATCHES_INTERESTS"}
     assert all(it["reasons"] for it in answer.body["items"])
+
+
+# --------------------------------------------------------------------------- live events
+
+
+def test_live_events_change_features_as_the_offline_builder_would(tiny_world: Path, tiny_model: Path) -> None:
+    """Overlaying live events equals recomputing the snapshot with those events in the data."""
+    ds = load_dataset(tiny_world)
+    model, manifest = load_model(tiny_model)
+    data = ServingData(ds, FinrecSettings())
+    served = ServingModel(model, manifest, data)
+    T, now = data.cutoff, data.cutoff + 20
+    ev = ds.events
+    # A customer who holds something and has no event near a window's edge (20 s of ageing would move it).
+    edges = np.concatenate([ev.ts[(ev.ts >= T - w * DAY - 30) & (ev.ts < T - w * DAY + 30)] for w in (30, 90, 365)])
+    near_edge = set(ev.user[np.isin(ev.ts, edges)].tolist())
+    u = next(int(r) for r in np.unique(data.held_user) if int(r) not in near_edge)
+    pid = data.product_ids
+    held0 = int(data.held(u)[0])
+    others = [p for p in range(data.n_products) if p not in set(data.held(u).tolist())][:4]
+    plan = [("impression", others[0]), ("impression", others[0]), ("click", others[0]), ("apply", others[1]),
+            ("decline", others[1]), ("view", others[2]), ("approve", others[3]), ("close", held0),
+            ("impression", others[2]), ("click", others[2])]  # fmt: skip
+    activity = [Activity(T + 1 + i, t, pid[p]) for i, (t, p) in enumerate(plan)]
+    who = served.customer(u, activity, now)
+
+    etype = {t: i for i, t in enumerate(("impression", "view", "click", "apply", "approve", "decline", "hold",
+                                         "close"))}  # fmt: skip
+    from finrec.data.dataset import ETYPE, EventLog
+
+    assert all(ETYPE[t] == i for t, i in etype.items())
+    appended = EventLog(
+        np.r_[ev.user, np.full(len(plan), u)].astype(ev.user.dtype),
+        np.r_[ev.product, [p for _, p in plan]].astype(ev.product.dtype),
+        np.r_[ev.etype, [ETYPE[t] for t, _ in plan]].astype(ev.etype.dtype),
+        np.r_[ev.ts, [a.ts for a in activity]].astype(ev.ts.dtype),
+        np.r_[ev.position, np.zeros(len(plan))].astype(ev.position.dtype),
+    )
+    ds2 = replace(ds, events=appended)
+    builder2 = FeatureBuilder(ds2, FinrecSettings().protected_attributes)
+    snap2 = builder2.snapshot(now)
+    names = list(model.space.user_numeric)
+    expected = model.space.user_tabular(snap2.users, np.array([u])).astype(np.float32)[0][: len(names)]
+    got = who.tabular[: len(names)]
+    timely = [i for i, n in enumerate(names) if "days" in n]  # static features of time age by 20 s offline
+    exact = [i for i in range(len(names)) if i not in timely]
+    np.testing.assert_array_equal(got[exact], expected[exact], err_msg=str([names[i] for i in exact]))
+    np.testing.assert_allclose(got[timely], expected[timely], atol=1e-3)
+    assert {"click_30d", "n_held"} <= set(names) and got[names.index("n_held")] == len(data.held(u))  # +1 -1
+
+    cols = [c for c in served.pair_columns if c not in ("retrieval_score", "retrieval_rank", "approval_odds")]
+    items = np.arange(data.n_products)
+    off = builder2.pair_features(snap2, np.full(len(items), u), items)
+    online = data.pair_block(u, items, cols, live=who.live).astype(np.float32)
+    offline = np.column_stack([off[c].to_numpy(np.float64) if c in off else np.full(len(items), np.nan)
+                               for c in cols]).astype(np.float32)  # fmt: skip
+    timely = [j for j, c in enumerate(cols) if "days" in c]
+    exact = [j for j in range(len(cols)) if j not in timely]
+    np.testing.assert_array_equal(online[:, exact], offline[:, exact])
+    np.testing.assert_allclose(online[:, timely], offline[:, timely], atol=1e-3)
+
+    length = int(model.config.get("history_length", 20))
+    hist = builder2.history(now, length)[[u]]
+    mapped = np.where(hist >= 0, served.train_rows[np.maximum(hist, 0)], -1)
+    expected_emb = model.retriever.user_embeddings(model.space.user_dense(snap2)[[u]], mapped)[0]
+    np.testing.assert_allclose(who.embedding, expected_emb, atol=1e-4)
+    assert not np.allclose(who.embedding, served.user_emb[u], atol=1e-3)  # the events did move the customer

@@ -32,9 +32,15 @@ from finrec.data.dataset import ETYPE, Dataset
 DAY = 86_400
 WINDOWS = (30, 90, 365)
 PAIR_HISTORY_COUNTS = ("seen", "clicked", "applied", "declined")
+#: Event type behind each pair-history count (the online overlay adds live events the same way).
+PAIR_HISTORY_TYPES = {"seen": "impression", "clicked": "click", "applied": "apply", "declined": "decline"}
 _BEHAVIOUR_TYPES = ("impression", "view", "click", "apply", "approve", "decline")
-_ENGAGED = (ETYPE["click"], ETYPE["apply"], ETYPE["approve"], ETYPE["decline"])
-_OWNERSHIP = (ETYPE["approve"], ETYPE["hold"], ETYPE["close"])
+#: Event types counted per customer and window, engaged types (affinity, history) and ownership types (holdings).
+BEHAVIOUR_TYPES = _BEHAVIOUR_TYPES
+ENGAGED_TYPES = ("click", "apply", "approve", "decline")
+OWNERSHIP_TYPES = ("approve", "hold", "close")
+_ENGAGED = tuple(ETYPE[t] for t in ENGAGED_TYPES)
+_OWNERSHIP = tuple(ETYPE[t] for t in OWNERSHIP_TYPES)
 
 USER_PROFILE_NUMERIC = ("age", "income", "credit_score", "risk_tolerance", "marketing_consent")
 USER_PROFILE_CATEGORICAL = ("region", "employment_status")

@@ -61,6 +61,20 @@ class FeatureSpace:
         )
 
     # -- dense (two-tower) --------------------------------------------------------------------
+    def user_dense_columns(self) -> dict[str, tuple[int, int | None]]:
+        """Per numeric customer column, its position in :meth:`user_dense` (and of its missing indicator)."""
+        out: dict[str, tuple[int, int | None]] = {}
+        j = 0
+        for c, s in self.user_numeric.items():
+            out[c] = (j, j + 1 if s.has_missing else None)
+            j += 2 if s.has_missing else 1
+        return out
+
+    @staticmethod
+    def standardise(stats: ColumnStats, v: float) -> float:
+        """One value as :meth:`user_dense` encodes it (NaN becomes the mean, i.e. 0)."""
+        return 0.0 if v != v else float(np.clip((v - stats.mean) / stats.scale, -5, 5))
+
     @staticmethod
     def _dense(df: pd.DataFrame, numeric: dict[str, ColumnStats], vocab: dict[str, list[str]]) -> np.ndarray:
         parts = []

@@ -24,13 +24,16 @@ this order that removed it, so the counts add up to the products removed.
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from finrec.data.dataset import ETYPE
+from finrec.events.schema import Event
+from finrec.features.online import Activity, OnlineFeatureStore
+from finrec.features.online.memory import MemoryOnlineStore
 from finrec.rules.eligibility import RULES, ProductRules
 from finrec.serving.state import ServingData
 
@@ -59,65 +62,75 @@ class GuardrailResult:
 
 
 class LiveState:
-    """What recent events say about each customer: declines, impressions, holdings changed since the data.
+    """Declines, impressions and holdings that matter to the guardrails: the data's recent ones plus live events.
 
-    In-process and thread-safe; seeded from the dataset's recent events and updated by accepted events.
-    (Shared state across workers comes with the online feature store.)
+    The data's part is loaded once (:meth:`seed`) and kept in this process; live events go to the online
+    feature store (:meth:`record`), which every worker shares when it is Redis, so a decline posted to one
+    worker rests the product on all of them from the next request.
     """
 
-    def __init__(self, policy: GuardrailPolicy) -> None:
+    def __init__(self, policy: GuardrailPolicy, store: OnlineFeatureStore | None = None) -> None:
         self.policy = policy
-        self._lock = threading.Lock()
+        self.store: OnlineFeatureStore = store if store is not None else MemoryOnlineStore()
         self._declined: dict[str, dict[int, int]] = defaultdict(dict)  # user -> product -> last decline ts
         self._shown: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))  # recent impressions
-        self._held: dict[str, dict[int, bool]] = defaultdict(dict)  # user -> product -> holds (True) / closed
+
+    @property
+    def horizon_days(self) -> float:
+        return max(self.policy.cooling_off_days, self.policy.frequency_window_days)
 
     def seed(self, data: ServingData) -> None:
         """Load the data's declines and impressions recent enough to matter at its cutoff."""
         ev = data.ds.events
-        horizon = max(self.policy.cooling_off_days, self.policy.frequency_window_days) * DAY
-        recent = ev.between(int(data.cutoff - horizon), data.cutoff)
+        recent = ev.between(int(data.cutoff - self.horizon_days * DAY), data.cutoff)
         users = data.ds.users["user_id"].astype(str).to_numpy()
-        for etype in ("decline", "impression"):
-            m = recent.etype == ETYPE[etype]
-            self.record(etype, users[recent.user[m]], recent.product[m], recent.ts[m])
+        keep = max(self.policy.frequency_cap, 1)
+        for u, p, t, e in zip(users[recent.user], recent.product.tolist(), recent.ts.tolist(), recent.etype.tolist(),
+                              strict=True):  # fmt: skip
+            if e == ETYPE["decline"]:
+                self._declined[u][p] = max(t, self._declined[u].get(p, t))
+            elif e == ETYPE["impression"]:
+                lst = self._shown[u][p]
+                lst.append(t)
+                if len(lst) > 4 * keep:  # only the most recent ones can matter
+                    del lst[: len(lst) - keep]
 
-    def record(self, event_type: str, users: np.ndarray | list[str], products: np.ndarray | list[int],
-               ts: np.ndarray | list[int]) -> None:  # fmt: skip
-        """Apply events of one type (parallel arrays of user ids, product rows, Unix seconds)."""
-        cap_keep = max(self.policy.frequency_cap, 1)
-        with self._lock:
-            for u, p, t in zip(users, products, ts, strict=True):
-                u, p, t = str(u), int(p), int(t)
-                if event_type == "decline":
-                    self._declined[u][p] = max(t, self._declined[u].get(p, t))
-                elif event_type == "impression":
-                    lst = self._shown[u][p]
-                    lst.append(t)
-                    if len(lst) > 4 * cap_keep:  # only the most recent ones can matter
-                        del lst[: len(lst) - cap_keep]
-                elif event_type in ("approve", "hold"):
-                    self._held[u][p] = True
-                elif event_type == "close":
-                    self._held[u][p] = False
+    def record(self, events: Sequence[Event]) -> None:
+        """Live events (already de-duplicated by the event store) into the online store."""
+        self.store.record(events)
 
-    def masks(self, user_id: str, n_products: int, now: float) -> tuple[np.ndarray, np.ndarray, dict[int, bool]]:
+    def activity(self, user_id: str, since: int) -> list[Activity]:
+        return self.store.recent(user_id, since)
+
+    def masks(self, user_id: str, n_products: int, now: float, activity: list[Activity],
+              product_row: dict[str, int]) -> tuple[np.ndarray, np.ndarray, dict[int, bool]]:  # fmt: skip
         """(cooling-off mask, frequency-cap mask, live holdings changes) of one customer at ``now``."""
+        p = self.policy
+        declined = dict(self._declined.get(user_id, {}))
+        shown = {k: list(v) for k, v in self._shown.get(user_id, {}).items()}
+        held: dict[int, bool] = {}
+        for a in activity:  # in time order
+            row = product_row.get(a.product_id, -1)
+            if row < 0:
+                continue
+            if a.event_type == "decline":
+                declined[row] = max(a.ts, declined.get(row, a.ts))
+            elif a.event_type == "impression":
+                shown.setdefault(row, []).append(a.ts)
+            elif a.event_type in ("approve", "hold"):
+                held[row] = True
+            elif a.event_type == "close":
+                held[row] = False
         cool = np.zeros(n_products, dtype=bool)
         cap = np.zeros(n_products, dtype=bool)
-        p = self.policy
-        with self._lock:
-            declined = dict(self._declined.get(user_id, {}))
-            shown = {k: list(v) for k, v in self._shown.get(user_id, {}).items()}
-            held = dict(self._held.get(user_id, {}))
         since_decline = now - p.cooling_off_days * DAY
         for prod, t in declined.items():
-            if t >= since_decline and prod < n_products:
+            if since_decline <= t <= now + 1 and prod < n_products:
                 cool[prod] = True
         if p.frequency_cap > 0:
             since_shown = now - p.frequency_window_days * DAY
             for prod, times in shown.items():
-                if prod < n_products and sum(1 for t in times if since_shown <= t <= now) >= p.frequency_cap:
+                if prod < n_products and sum(1 for t in times if since_shown <= t <= now + 1) >= p.frequency_cap:
                     cap[prod] = True
         return cool, cap, held
 
@@ -151,6 +164,8 @@ def apply_guardrails(
     held: np.ndarray,
     live: LiveState,
     user_id: str | None,
+    activity: list[Activity] | None = None,
+    product_row: dict[str, int] | None = None,
 ) -> GuardrailResult:
     """The products one customer may be shown and how many each guardrail removed.
 
@@ -164,6 +179,9 @@ def apply_guardrails(
         Product rows the data says the customer holds.
     user_id
         Key of the live state (None for a prospect, who has no history).
+    activity, product_row
+        The customer's live events since the cutoff (from :meth:`LiveState.activity`) and the catalogue's
+        product id -> row map.
     """
     n = rules.n_products
     removed = np.zeros(n, dtype=bool)
@@ -183,7 +201,7 @@ def apply_guardrails(
     holds[held] = True
     cool = cap = np.zeros(n, dtype=bool)
     if user_id is not None:
-        cool, cap, changes = live.masks(user_id, n, now)
+        cool, cap, changes = live.masks(user_id, n, now, activity or [], product_row or {})
         for prod, now_held in changes.items():
             if prod < n:
                 holds[prod] = now_held

@@ -32,7 +32,7 @@ from finrec.errors import FinrecError
 from finrec.events.schema import parse_events
 from finrec.events.store import EventStore
 from finrec.serving.audit import AuditLog
-from finrec.serving.guardrails import GUARDRAILS, GuardrailResult, LiveState, apply_guardrails
+from finrec.serving.guardrails import DAY, GUARDRAILS, GuardrailResult, LiveState, apply_guardrails
 from finrec.serving.reasons import ReasonMapper, describe, rule_reasons
 from finrec.serving.scoring import CustomerInputs, Ranked, ServingModel
 
@@ -118,9 +118,16 @@ class Recommender:
             raise UnknownCustomerError(f"customer {user_id!r} is not known to this service",
                                        hint="check the id, or send the profile to POST /recommend")  # fmt: skip
         consent = float(model.data.consent[row]) if model.data.consent is not None else float("nan")
-        guard = apply_guardrails(model.data.rules, row, self.clock(), consent, model.data.held(row), self.live,
-                                 user_id)  # fmt: skip
-        return self._answer(model, mapper, model.customer(row), guard, k, request_id, user_id, "customer")
+        now = self.clock()
+        # One read of the online store per request: what the guardrails' windows need and what happened since
+        # the data's cutoff (only the latter changes features: earlier events are in the snapshot already).
+        cutoff = model.data.cutoff
+        activity = self.live.activity(user_id, int(min(cutoff, now - self.live.horizon_days * DAY)))
+        guard = apply_guardrails(model.data.rules, row, now, consent, model.data.held(row), self.live, user_id,
+                                 activity, model.data.product_row)  # fmt: skip
+        since_cutoff = [a for a in activity if a.ts >= cutoff]
+        return self._answer(model, mapper, model.customer(row, since_cutoff, now), guard, k, request_id, user_id,
+                            "customer")  # fmt: skip
 
     def recommend_prospect(self, profile: Mapping[str, Any], k: int = 10, request_id: str | None = None) -> Answer:
         """The top ``k`` products for someone who is not a customer yet, from their stated profile."""
@@ -206,12 +213,10 @@ class Recommender:
                              self.future_tolerance_seconds, max_batch=max_batch or self.max_events)  # fmt: skip
         stored = self.events.append(batch.accepted) if batch.accepted else []
         new = [e for e, is_new in zip(batch.accepted, stored, strict=True) if is_new]
-        by_type: dict[str, list[Any]] = {}
-        for e in new:
-            by_type.setdefault(e.event_type, []).append(e)
-        for etype, evs in by_type.items():
-            self.live.record(etype, [e.user_id for e in evs], [model.data.product_row[e.product_id] for e in evs],
-                             [e.ts for e in evs])  # fmt: skip
+        if new:
+            # Stored first, then applied: the event store is the record. A re-delivery is a duplicate and is
+            # never applied twice; an in-process online store is rebuilt from the event store at start-up.
+            self.live.record(new)
         return {
             "received": len(items),
             "accepted": len(new),

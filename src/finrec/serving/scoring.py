@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 
 from finrec.errors import ArtifactError
+from finrec.features.online import Activity
 from finrec.retrieval.index import make_index
+from finrec.serving.online import LiveCustomer, overlay
 from finrec.serving.state import ServingData
 from finrec.twostage.model import TwoStageModel
 
@@ -50,6 +52,7 @@ class CustomerInputs:
     embedding: np.ndarray | None  # (dim,) float32; None without a retriever
     tabular: np.ndarray  # (n_user_features,) float32
     profile: dict[str, Any] | None = None
+    live: LiveCustomer | None = None  # live events since the cutoff (holdings, affinity, pair counts)
 
 
 class ServingModel:
@@ -81,10 +84,15 @@ class ServingModel:
         self.odds_col = self.names.index("approval_odds") if "approval_odds" in self.names else -1
         all_users = np.arange(data.n_users)
         self.user_tab = model.space.user_tabular(snap.users, all_users).astype(np.float32)
+        self.user_column = {c: j for j, c in enumerate(model.space.user_numeric)}  # position in user_tab
+        self.dense_columns = model.space.user_dense_columns()
+        self.train_rows = model.product_rows(builder)  # current product row -> the two-tower's id row (-1: new)
         self.product_tab = model.space.product_tabular(snap.products, np.arange(data.n_products)).astype(np.float32)
         self.user_emb: np.ndarray | None = None
+        self.user_dense: np.ndarray | None = None
         self.index: Any = None
         if model.retriever is not None:
+            self.user_dense = model.space.user_dense(snap)  # kept to re-embed a customer with live events
             item_emb = model.item_embeddings(builder, snap)
             self.index = make_index(str(model.config.get("index", "exact")), item_emb)  # type: ignore[arg-type]
             history = data.history(int(model.config.get("history_length", 20)))
@@ -95,7 +103,10 @@ class ServingModel:
         self.popularity = model.popularity_scores(builder)
 
     # -- customers ----------------------------------------------------------------------------------
-    def customer(self, row: int) -> CustomerInputs:
+    def customer(self, row: int, activity: list[Activity] | None = None, now: float | None = None) -> CustomerInputs:
+        """A known customer's inputs: the snapshot's, with their live events since the cutoff applied if any."""
+        if activity:
+            return overlay(self, row, activity, float(self.data.cutoff if now is None else now))
         emb = self.user_emb[row] if self.user_emb is not None else None
         return CustomerInputs(row, emb, self.user_tab[row])
 
@@ -132,7 +143,7 @@ class ServingModel:
         X = np.empty((n, len(self.names)), dtype=np.float32)
         X[:, : self.n_user] = who.tabular
         X[:, self.n_user : self.n_user + self.product_tab.shape[1]] = self.product_tab[items]
-        pairs = self.data.pair_block(who.row, items, self.pair_columns, who.profile)
+        pairs = self.data.pair_block(who.row, items, self.pair_columns, who.profile, who.live)
         for j, c in enumerate(self.pair_columns):
             if c == "retrieval_score":
                 pairs[:, j] = ret_s

@@ -21,7 +21,8 @@ import numpy as np
 from finrec.config import FinrecSettings
 from finrec.data.dataset import load_dataset
 from finrec.errors import ArtifactError, FinrecError
-from finrec.events.store import open_event_store
+from finrec.events.store import EventStore, open_event_store
+from finrec.features.online import open_online_store
 from finrec.pipeline import load_model
 from finrec.serving.audit import AuditLog, load_or_create_key
 from finrec.serving.guardrails import GuardrailPolicy, LiveState
@@ -85,9 +86,13 @@ class Service:
         served = load_serving_model(model_dir, data)
         policy = GuardrailPolicy(srv.cooling_off_days, srv.frequency_cap, srv.frequency_window_days,
                                  srv.require_marketing_consent)  # fmt: skip
-        live = LiveState(policy)
-        live.seed(data)
         events = open_event_store(srv.event_store_url(settings.workspace))
+        online = open_online_store(srv.online_store)
+        live = LiveState(policy, online)
+        live.seed(data)
+        if srv.online_store.startswith("memory:"):
+            replayed = replay(events, live)
+            log.info("online features rebuilt from the event store", extra={"events": replayed})
         audit_log = key = audit_path = None
         if audit:
             audit_path, key_path = srv.audit_paths(settings.workspace)
@@ -122,6 +127,18 @@ class Service:
         if self.recommender.audit is not None:
             self.recommender.audit.close()
         self.recommender.events.close()
+        self.recommender.live.store.close()
+
+
+def replay(events: EventStore, live: LiveState, batch: int = 10_000) -> int:
+    """Apply every stored event to an empty in-process online store (its state after a restart)."""
+    seq, n = 0, 0
+    while True:
+        chunk = events.read(after=seq, limit=batch)
+        if not chunk:
+            return n
+        live.record([e for _, e in chunk])
+        seq, n = chunk[-1][0], n + len(chunk)
 
 
 def make_clock(kind: str, data_cutoff: int) -> Callable[[], float]:

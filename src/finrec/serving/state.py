@@ -15,15 +15,18 @@ exactly what the snapshot holds for a customer without events.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from finrec.config import FinrecSettings
 from finrec.data.dataset import Dataset
-from finrec.features.builder import PAIR_HISTORY_COUNTS, FeatureBuilder, profile_pair_features
+from finrec.features.builder import DAY, PAIR_HISTORY_COUNTS, FeatureBuilder, profile_pair_features
 from finrec.twostage.train import rules_for
+
+if TYPE_CHECKING:
+    from finrec.serving.online import LiveCustomer
 
 #: Customer profile fields a prospect may send (the data contract's well-known customer columns).
 PROFILE_FIELDS = ("age", "income", "credit_score", "risk_tolerance", "region", "employment_status",
@@ -95,12 +98,12 @@ class ServingData:
         return self.held_product[self.held_ptr[row] : self.held_ptr[row + 1]]
 
     # -- pair features for one customer and many products ----------------------------------------------
-    def pair_block(self, row: int, items: np.ndarray, columns: list[str],
-                   profile: Mapping[str, float] | None = None) -> np.ndarray:  # fmt: skip
+    def pair_block(self, row: int, items: np.ndarray, columns: list[str], profile: Mapping[str, float] | None = None,
+                   live: LiveCustomer | None = None) -> np.ndarray:  # fmt: skip
         """(len(items), len(columns)) float64 pair features of one customer (``row``, or -1 with ``profile``).
 
         The same values as :meth:`FeatureBuilder.pair_features` at the cutoff (a test holds this),
-        from lookups instead of a query.
+        from lookups instead of a query; ``live`` adds the customer's events since the cutoff.
         """
         n = len(items)
 
@@ -117,17 +120,19 @@ class ServingData:
             return None if v is None else v[items]
 
         values: dict[str, np.ndarray] = profile_pair_features(ucol, pcol)
+        held_now = live.held if live is not None else (self.held(row) if row >= 0 else np.empty(0, np.int64))
         if self.snap.n_categories:
             cat = self.category_codes[items]
             if row >= 0:
-                values["category_affinity"] = self.snap.category_affinity[row, cat]
-                held_cats = self.category_codes[self.held(row)]
+                aff = live.affinity if live is not None else self.snap.category_affinity[row]
+                values["category_affinity"] = aff[cat]
+                held_cats = self.category_codes[held_now]
                 values["holds_category"] = np.isin(cat, held_cats).astype(np.float64)
             else:
                 values["category_affinity"] = np.zeros(n)
                 values["holds_category"] = np.zeros(n)
         if self.provider_codes is not None and len(self.held_product):
-            mine = self.provider_codes[self.held(row)] if row >= 0 else np.empty(0, np.int64)
+            mine = self.provider_codes[held_now]
             values["holds_provider"] = np.isin(self.provider_codes[items], mine).astype(np.float64)
         hist = np.broadcast_to(self._pair_default, (n, len(self.pair_names)))
         if row >= 0:
@@ -139,6 +144,15 @@ class ServingData:
             if hit.any():
                 hist = hist.copy()
                 hist[hit] = self.pair_values[a + pos[hit]]
+        if live is not None:
+            hist = np.array(hist, dtype=np.float64)
+            for j, c in enumerate(self.pair_names):
+                name = c.removeprefix("pair_")
+                if name in live.pair_counts:
+                    hist[:, j] = np.log1p(np.rint(np.expm1(hist[:, j])) + live.pair_counts[name][items])
+                elif name == "days_since_seen":
+                    last = live.last_seen[items]
+                    hist[:, j] = np.where(np.isnan(last), hist[:, j], (live.now - last) / DAY)
         for j, c in enumerate(self.pair_names):
             values[c] = hist[:, j]
         out = np.full((n, len(columns)), np.nan)
