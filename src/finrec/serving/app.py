@@ -145,6 +145,31 @@ def _install_handlers(app: FastAPI) -> None:
         return _problem(500, "internal error", "this is a bug in finrec; quote the request_id when reporting it")
 
 
+def _install_docs(app: FastAPI) -> None:
+    """Swagger UI and ReDoc from files shipped with the package: FastAPI's defaults load them from a public CDN,
+    which a bank's network (or this project's CI) cannot reach, leaving /docs blank."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=static), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="finrec API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png")  # fmt: skip
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="finrec API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)  # fmt: skip
+
+
 def create_app(settings: FinrecSettings | None = None, *, service: Service | None = None,
                model_dir: Path | None = None, data_dir: Path | None = None) -> FastAPI:  # fmt: skip
     """Build the API. Without ``service``, the lifespan loads one from ``settings`` (and the given folders)."""
@@ -163,7 +188,9 @@ def create_app(settings: FinrecSettings | None = None, *, service: Service | Non
             if own:
                 app.state.service.close()
 
-    app = FastAPI(title="finrec", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="finrec", version=__version__, description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)  # fmt: skip
+    _install_docs(app)
     app.state.service = None
     app.add_middleware(RequestContext, access_log=bool(os.environ.get("FINREC_ACCESS_LOG")))
     _install_handlers(app)
