@@ -12,14 +12,18 @@ text format plus a JSON sidecar; no pickle.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightgbm as lgb
 import numpy as np
 
 from finrec.errors import ArtifactError
+from finrec.ranking.attribution import PathAttribution
+
+log = logging.getLogger("finrec.ranking")
 
 
 @dataclass
@@ -117,10 +121,25 @@ class Ranker:
             self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=self.config.num_threads)
         )
 
-    def contributions(self, X: np.ndarray) -> np.ndarray:
-        """(n, n_features + 1) per-feature contributions to each score (last column: bias)."""
+    def contributions(self, X: np.ndarray, method: Literal["path", "shap"] = "path") -> np.ndarray:
+        """(n, n_features + 1) per-feature contributions to each score (last column: bias); rows sum to the score.
+
+        ``path``: attribution along each row's decision paths (:mod:`finrec.ranking.attribution`), about
+        30x cheaper than ``shap`` (LightGBM's exact TreeSHAP). Every call checks that the contributions add
+        up to the model's own scores and falls back to ``shap`` if they ever do not.
+        """
         self._check(X)
-        return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True))
+        if method == "path":
+            if not hasattr(self, "_paths"):
+                self._paths = PathAttribution(self.booster_, self.best_iteration_)
+            contrib = self._paths.contributions(X)
+            raw = self.booster_.predict(X, num_iteration=self.best_iteration_, raw_score=True,
+                                        num_threads=self.config.num_threads)  # fmt: skip
+            if np.allclose(contrib.sum(axis=1), raw, rtol=1e-6, atol=1e-6):
+                return contrib
+            log.warning("path attribution does not add up to the ranker's scores; using TreeSHAP")
+        return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True,
+                                                num_threads=self.config.num_threads))  # fmt: skip
 
     def feature_importance(self) -> dict[str, float]:
         gain = self.booster_.feature_importance("gain", iteration=self.best_iteration_)
