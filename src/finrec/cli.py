@@ -452,6 +452,148 @@ def audit(
 
 
 
+# -- monitor ----------------------------------------------------------------------------------
+
+
+@app.command()
+def monitor(
+    ctx: typer.Context,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder to write index.html and monitor.json to (created).")
+    ],
+    model_dir: Annotated[
+        Path | None,
+        typer.Option("--model-dir", "-m", help="Model bundle whose drift to check against its training reference. "
+                     "Default: serve.model_dir; without a bundle the report says drift is not available."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Dataset with the customers (fairness groups) and the catalogue (coverage); "
+                     "also the current data of the drift check. Default: serve.data, else the model's training data."),
+    ] = None,
+    event_store: Annotated[
+        str | None,
+        typer.Option(help="Event store URL (sqlite:///path, redis://host:6379/0). "
+                     "Default: serve.event_store, else sqlite:///<workspace>/events.db."),
+    ] = None,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(help="The service's audit log; its key audit.key sits next to it (or serve.audit_key_file). "
+                     "Default: serve.audit_log, else <workspace>/audit/audit.jsonl."),
+    ] = None,
+) -> None:
+    """Monitoring report of the live service: conversion, guardrail health, fairness, drift and alerts.
+
+    Reads the event store and the audit log of a service (`finrec serve`), joins events to the answers they
+    came from, and writes OUTPUT/index.html (self-contained: plots inline) and OUTPUT/monitor.json. The same
+    page is served live at /dashboard. See docs/monitoring.md.
+    """
+    from finrec.monitoring.report import build_monitor_report, optional_drift, render_html, stored_alerts
+    from finrec.serving.audit import load_or_create_key
+
+    settings = _settings(ctx)
+    srv = settings.serve
+    audit_path, key_path = srv.audit_paths(settings.workspace)
+    if audit_log is not None:
+        audit_path, key_path = audit_log, srv.audit_key_file or audit_log.with_name("audit.key")
+    if not audit_path.is_file():
+        raise FinrecError(f"no audit log at {audit_path}", hint="pass --audit-log (the audit.jsonl of a service), "
+                          "or point FINREC_WORKSPACE / serve.audit_log at the service's")  # fmt: skip
+    if not key_path.is_file():
+        raise FinrecError(f"no audit key at {key_path}: the customers in {audit_path} cannot be matched",
+                          hint="the key (audit.key) sits next to the service's audit log; copy it there "
+                          "or set serve.audit_key_file")  # fmt: skip
+    key = load_or_create_key(key_path)  # exists: only read, and refused clearly if damaged
+    model_dir = model_dir or srv.model_dir
+    data_dir = data or srv.data or _trained_on(model_dir)
+    dataset = None
+    if data_dir is not None:
+        from finrec.data.dataset import load_dataset
+
+        dataset = load_dataset(data_dir, future_tolerance_seconds=settings.validation.future_tolerance_seconds)
+    else:
+        err.print("[yellow]warning[/]: no dataset (pass --data): fairness and catalogue coverage are skipped")
+    store = _open_events_for_reading(event_store or srv.event_store_url(settings.workspace))
+    drift = optional_drift(model_dir, data_dir, settings)
+    alerts, alerts_note = stored_alerts(settings)
+    try:
+        report = build_monitor_report(store, audit_path, key, dataset, settings, drift, alerts)
+    except Exception as exc:
+        if isinstance(exc, FinrecError) or not _is_store_error(exc):
+            raise
+        raise FinrecError(f"cannot read the event store: {type(exc).__name__}: {exc}",
+                          hint="check the --event-store URL and that the store is reachable") from None  # fmt: skip
+    finally:
+        store.close()
+    if alerts_note:
+        report["notes"].append(alerts_note)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "monitor.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    (output / "index.html").write_text(render_html(report), encoding="utf-8")
+    _print_monitor_summary(report)
+    out.print(f"[green]wrote[/] {output / 'index.html'} and {output / 'monitor.json'}")
+
+
+def _trained_on(model_dir: Path | None) -> Path | None:
+    if model_dir is None:
+        return None
+    from finrec.artifacts import read_manifest
+
+    data = read_manifest(model_dir).get("inputs", {}).get("data")
+    return Path(data) if data and Path(data).is_dir() else None
+
+
+def _open_events_for_reading(url: str) -> Any:
+    from finrec.events.store import open_event_store
+
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise FinrecError(f"no event store at {url}", hint="pass --event-store with the URL the service writes to "
+                          "(serve.event_store), or point FINREC_WORKSPACE at the service's workspace")  # fmt: skip
+    if url.startswith("memory://"):
+        err.print("[yellow]warning[/]: a memory:// event store is empty in a new process; conversion will be empty")
+    try:
+        return open_event_store(url)
+    except FinrecError:
+        raise
+    except Exception as exc:  # a driver missing, a server down
+        raise FinrecError(f"cannot open the event store {url}: {type(exc).__name__}: {exc}",
+                          hint="check the URL and that the store is reachable") from None  # fmt: skip
+
+
+def _is_store_error(exc: Exception) -> bool:
+    import sqlite3
+
+    return isinstance(exc, sqlite3.Error | ConnectionError | OSError) or type(exc).__module__.startswith("redis")
+
+
+def _print_monitor_summary(report: dict[str, Any]) -> None:
+    from finrec.monitoring.conversion import RATES, label
+
+    conv = report["conversion"]
+    table = Table(title=f"conversion per impression ({conv['confidence']:.0%} Wilson interval)", title_justify="left")
+    for col in ("model version / arm", "impressions", *(r.replace("_", " ") for r in RATES)):
+        table.add_column(col, justify="left" if col.startswith("model") else "right")
+    for r in conv["totals"]:
+        cells = [f"{r[n]['rate']:.2%} [{r[n]['low']:.2%}, {r[n]['high']:.2%}]" if r[n]["rate"] is not None else "—"
+                 for n in RATES]  # fmt: skip
+        table.add_row(label(r["model_version"], r["arm"]), f"{r['impressions']:,}", *cells)
+    out.print(table if conv["totals"] else "conversion: no funnel events in the event store yet")
+    h = report["health"]
+    if h["answers"]:
+        pct = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
+        out.print(f"answers: {h['answers']:,}; empty {pct(h['empty']['rate'])}, short {pct(h['short']['rate'])}; "
+                  f"catalogue coverage {pct(h['coverage']['coverage'])}")  # fmt: skip
+    drift = report.get("drift") or {}
+    if drift.get("available") is False:
+        out.print(f"drift: not available ({drift.get('reason')})")
+    else:
+        out.print("drift: " + ("[red]alert[/] " + ", ".join(drift.get("drifted") or []) if drift.get("alert")
+                               else "no alert"))  # fmt: skip
+    out.print(f"stored alerts: {len(report['alerts'])}")
+    flagged = (report.get("fairness") or {}).get("flagged") or []
+    out.print("fairness: " + ("[red]flagged[/] " + "; ".join(flagged) if flagged else "nothing flagged"))
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 

@@ -173,7 +173,7 @@ def _install_docs(app: FastAPI) -> None:
 def create_app(settings: FinrecSettings | None = None, *, service: Service | None = None,
                model_dir: Path | None = None, data_dir: Path | None = None) -> FastAPI:  # fmt: skip
     """Build the API. Without ``service``, the lifespan loads one from ``settings`` (and the given folders)."""
-    from finrec.serving.routes import admin, events, operations, recommend
+    from finrec.serving.routes import admin, dashboard, events, operations, recommend
 
     settings = settings or load_settings()
 
@@ -194,7 +194,7 @@ def create_app(settings: FinrecSettings | None = None, *, service: Service | Non
     app.state.service = None
     app.add_middleware(RequestContext, access_log=bool(os.environ.get("FINREC_ACCESS_LOG")))
     _install_handlers(app)
-    for module in (recommend, events, operations, admin):
+    for module in (recommend, events, operations, admin, dashboard):
         app.include_router(module.router)
     return app
 

@@ -167,7 +167,7 @@ class Recommender:
             "candidates": ranked.n_candidates,
         }
         if self.audit is not None:
-            self.audit.append({**{key: body[key] for key in ("request_id", "model_version", "arm", "excluded")},
+            self.audit.append({**{key: body[key] for key in ("request_id", "model_version", "arm", "k", "excluded")},
                                "kind": kind, "items": [{key: it[key] for key in ("product_id", "rank", "score")}
                                                        | {"reasons": [r["code"] for r in it["reasons"]]}
                                                        for it in items]}, user_id)  # fmt: skip

@@ -1,0 +1,1 @@
+"""Monitoring: conversion by model and arm, drift, guardrail health, fairness."""

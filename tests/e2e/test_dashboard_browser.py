@@ -1,0 +1,232 @@
+"""The monitoring dashboard and `finrec monitor`, on a real service fed through its HTTP API.
+
+``finrec serve`` runs on the tiny world as a user starts it; the test asks it for recommendations and posts
+the feedback a front end would (impressions of every item shown, some clicks, applications, approvals and
+declines; half of the events name their model version, half only the request id they answer, so the
+dashboard must attribute those through the audit log). Then:
+
+* headless Chromium opens ``/dashboard``: the page shows the conversion table with the served model version
+  and its plots (decoded images), and asks for nothing outside the service; a screenshot is kept in the
+  test's tmp folder;
+* ``/dashboard.json`` and ``finrec monitor --output`` (reading the same workspace) give the exact counts posted.
+
+Hermetic like the Swagger UI test: Selenium gets the driver and browser paths (Debian's ``chromium`` and
+``chromium-driver``; ``make browser-deps``), and every request that leaves the test server fails and is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+HAS_BROWSER = os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)
+CUSTOMERS = range(1, 41)
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Fed:
+    """A running service, its workspace, and what was posted to it."""
+
+    base: str
+    workspace: Path
+    model_version: str
+    expected: dict[str, int]
+    answers: int
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(workspace: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")}
+    env["FINREC_WORKSPACE"] = str(workspace)  # audit log and event store go there, not in the repo
+    env["COLUMNS"] = "200"
+    return env
+
+
+def _call(method: str, url: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200, r.status
+        return json.loads(r.read())
+
+
+def _feed(base: str) -> tuple[str, dict[str, int], int]:
+    """Recommendations for CUSTOMERS, then feedback on them; returns the model version and the funnel counts."""
+    counts = {"impressions": 0, "clicks": 0, "applications": 0, "approvals": 0}
+    events: list[dict[str, Any]] = []
+    version = ""
+    answers = 0
+    for i, user in enumerate(CUSTOMERS):
+        body = _call("GET", f"{base}/recommend/{user}?k=5")
+        answers += 1
+        version = body["model_version"]
+        items = body["items"]
+        tag = {"request_id": body["request_id"]}
+        if i % 2:
+            tag["model_version"] = version  # the other half is attributed through the audit log
+        for it in items:
+            events.append({"event_id": f"imp-{user}-{it['product_id']}", "user_id": str(user), "position": it["rank"],
+                           "product_id": it["product_id"], "event_type": "impression", **tag})  # fmt: skip
+            counts["impressions"] += 1
+        if not items:
+            continue
+        first = items[0]["product_id"]
+        steps = ["click"] if i % 2 == 0 else []
+        steps += ["apply", "approve" if i % 8 == 0 else "decline"] if i % 4 == 0 else []
+        for step in steps:
+            events.append({"event_id": f"{step}-{user}", "user_id": str(user), "product_id": first,
+                           "event_type": step, **tag})  # fmt: skip
+            key = {"click": "clicks", "apply": "applications", "approve": "approvals"}.get(step)
+            if key:
+                counts[key] += 1
+    result = _call("POST", f"{base}/events", events)
+    assert result["accepted"] == len(events) and not result["rejected"], result
+    assert counts["impressions"] > 50 and counts["clicks"] > 5 and counts["approvals"] > 0, counts
+    return version, counts, answers
+
+
+@pytest.fixture(scope="module")
+def fed(tiny_world: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
+    """``finrec serve`` on a free port with recommendations and feedback posted; stopped with SIGINT."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    workspace = tmp / "workspace"
+    port = _free_tcp_port()
+    log_path = tmp / "serve.log"
+    cmd = [sys.executable, "-m", "finrec", "serve", "--model-dir", str(tiny_model), "--data", str(tiny_world),
+           "--port", str(port)]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workspace))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"finrec serve exited early ({proc.returncode}):\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{base}/ready did not answer 200 within 180 s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        version, counts, answers = _feed(base)
+        yield Fed(base, workspace, version, counts, answers)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, f"finrec serve did not stop cleanly ({proc.returncode}):\n{log_path.read_text()}"
+
+
+def _totals(report: dict[str, Any]) -> dict[str, int]:
+    rows = report["conversion"]["totals"]
+    return {k: sum(r[k] for r in rows) for k in ("impressions", "clicks", "applications", "approvals")}
+
+
+def test_dashboard_json_counts_what_was_posted(fed: Fed) -> None:
+    report = _call("GET", f"{fed.base}/dashboard.json")
+    rows = report["conversion"]["totals"]
+    assert [(r["model_version"], r["arm"]) for r in rows] == [(fed.model_version, None)]  # all attributed
+    assert _totals(report) == fed.expected
+    assert report["conversion"]["events"]["attributed_via_audit"] > 0
+    assert report["health"]["answers"] == fed.answers
+    assert report["fairness"]["attributes"]["gender"]["groups"]
+    assert report["drift"]["available"] is False and "finrec monitor" in report["drift"]["reason"]
+
+
+@pytest.mark.skipif(not HAS_BROWSER, reason=f"needs headless Chromium and its driver at {CHROMIUM} and "
+                    f"{CHROMEDRIVER} (Debian packages chromium and chromium-driver; `make browser-deps`)")  # fmt: skip
+def test_dashboard_in_a_browser(fed: Fed, tmp_path: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)  # with the driver's path too, Selenium Manager never runs
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1000", "--no-first-run", "--disable-extensions"):  # fmt: skip
+        options.add_argument(arg)
+    options.enable_bidi = True
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    outside: list[str] = []
+
+    def route(request) -> None:  # type: ignore[no-untyped-def]
+        if request.url.startswith((fed.base + "/", "data:")):
+            return
+        outside.append(request.url)
+        request.fail()
+
+    driver.network.add_request_handler(route)
+    shot = tmp_path / "dashboard.png"
+    try:
+        driver.browsing_context.navigate(context=driver.current_window_handle, url=f"{fed.base}/dashboard",
+                                         wait="complete")  # fmt: skip
+        assert driver.title == "finrec monitoring: live service"
+        headings = [h.text for h in driver.find_elements(By.TAG_NAME, "h2")]
+        assert headings[:3] == ["Conversion", "Guardrail health", "Fairness"], headings
+        first_table = driver.find_element(By.CSS_SELECTOR, "table.metrics")
+        assert fed.model_version in first_table.text
+        assert f"{fed.expected['impressions']:,}" in first_table.text
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert len(images) >= 3
+        sizes = [driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", i)
+                 for i in images]  # fmt: skip
+        assert all(w > 200 and h > 100 for w, h in sizes), sizes  # every plot decoded
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1280, min(int(height) + 100, 8000))  # the whole page in one screenshot
+        driver.save_screenshot(str(shot))
+    except Exception:
+        driver.save_screenshot(str(shot))  # what the page showed when it went wrong
+        raise
+    finally:
+        driver.quit()
+    assert outside == [], f"the page asked for resources outside the service: {outside}"
+    assert shot.stat().st_size > 50_000, f"screenshot {shot} looks empty"
+
+
+def test_monitor_command_on_the_service_workspace(fed: Fed, tiny_world: Path, tiny_model: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "monitor"
+    cmd = [sys.executable, "-m", "finrec", "monitor", "--output", str(out), "--data", str(tiny_world),
+           "--model-dir", str(tiny_model)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(fed.workspace), timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((out / "monitor.json").read_text())
+    assert _totals(report) == fed.expected
+    assert report["health"]["answers"] == fed.answers
+    page = (out / "index.html").read_text()
+    assert fed.model_version in page and page.count("<img ") >= 3
+    assert fed.model_version in res.stdout and "fairness:" in res.stdout and "drift:" in res.stdout
+    drift = report["drift"]
+    assert "features" in drift or drift["available"] is False, drift
+
+    missing = subprocess.run([*cmd[:3], "monitor", "--output", str(out), "--audit-log", str(tmp_path / "no.jsonl")],
+                             capture_output=True, text=True, env=_env(fed.workspace), timeout=300)  # fmt: skip
+    assert missing.returncode == 2 and "no audit log" in missing.stderr and "Traceback" not in missing.stderr
