@@ -34,6 +34,7 @@ def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool 
 
     An existing model bundle at ``model_dir`` is replaced atomically; any other non-empty folder is refused.
     """
+    from finrec.monitoring.reference import REFERENCE_DIR, sample_features
     from finrec.twostage.train import train_two_stage
 
     if model_dir.is_dir() and any(model_dir.iterdir()) and not (model_dir / "model.json").is_file():
@@ -45,6 +46,13 @@ def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool 
     version = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{ds.fingerprint[:8]}"
     with atomic_dir(model_dir, overwrite=True) as tmp:
         model.save(tmp)
+        # The drift reference: what the model sees at its ranker cutoff. Written before the manifest so that
+        # it is checksummed with the rest of the bundle.
+        clock = time.perf_counter()
+        reference = sample_features(model, ds, settings, cutoff=report.split.rank_cutoff,
+                                    n_users=settings.monitor.drift_sample_users, seed=settings.train.seed)  # fmt: skip
+        reference.save(tmp / REFERENCE_DIR)
+        report.seconds["drift_reference"] = time.perf_counter() - clock
         manifest = write_manifest(
             tmp,
             MODEL_KIND,
