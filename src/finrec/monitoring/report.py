@@ -14,7 +14,6 @@ other scalar as a fact) or, when it says ``{"available": False, "reason": ...}``
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
 import logging
 import time
@@ -27,7 +26,9 @@ from finrec.data.dataset import Dataset
 from finrec.errors import FinrecError
 from finrec.evaluation.html import _PAGE, _STYLE, _esc, _img
 from finrec.events.store import EventStore
+from finrec.monitoring.alerts import AlertLog, alerts_path, read_alerts
 from finrec.monitoring.conversion import COUNTS, RATES, compute_conversion, conversion_figure, label
+from finrec.monitoring.drift import check_drift
 from finrec.monitoring.fairness import FairnessAccumulator, fairness_figure
 from finrec.monitoring.health import HealthAccumulator, health_figure
 
@@ -91,37 +92,30 @@ def build_monitor_report(
     }
 
 
-def optional_drift(model_dir: Path | None, data_dir: Path | None, settings: FinrecSettings) -> dict[str, Any]:
-    """``drift.check_drift(...).to_dict()``, or ``{"available": False, "reason": ...}``; never fails for want of it."""
+def optional_drift(model_dir: Path | None, data_dir: Path | None, settings: FinrecSettings,
+                   record: bool = True) -> dict[str, Any]:  # fmt: skip
+    """``check_drift(...).to_dict()`` (an alert is stored when it alerts), or ``{"available": False, "reason"}``."""
     if model_dir is None:
         return {"available": False, "reason": "no model bundle given (pass --model-dir)"}
     if data_dir is None:
         return {"available": False, "reason": "no dataset given (pass --data)"}
     try:
-        check = importlib.import_module("finrec.monitoring.drift").check_drift
-    except (ImportError, AttributeError) as exc:
-        return {"available": False, "reason": f"the drift module is not available: {exc}"}
-    try:
-        return dict(check(Path(model_dir), Path(data_dir), settings).to_dict())
+        report = check_drift(Path(model_dir), Path(data_dir), settings)
     except FinrecError as exc:
         return {"available": False, "reason": exc.message + (f"; {exc.hint}" if exc.hint else "")}
     except Exception as exc:  # a failing drift check must not take the rest of the report with it
         log.exception("drift check failed")
         return {"available": False, "reason": f"the drift check failed: {type(exc).__name__}: {exc}"}
+    if record:
+        AlertLog(alerts_path(settings.workspace)).record_drift(report)
+    return dict(report.to_dict())
 
 
 def stored_alerts(settings: FinrecSettings, limit: int = 50) -> tuple[list[dict[str, Any]], str | None]:
-    """Latest alerts from ``alerts.read_alerts`` (file: ``alerts.alerts_path(workspace)`` if the module has it, else
-    ``<workspace>/monitoring/alerts.jsonl``), and a note when none could be read."""
+    """The latest stored alerts of the workspace, and a note when they could not be read."""
+    path = alerts_path(settings.workspace)
     try:
-        alerts = importlib.import_module("finrec.monitoring.alerts")
-        read = alerts.read_alerts
-    except (ImportError, AttributeError) as exc:
-        return [], f"stored alerts are not available: {exc}"
-    locate = getattr(alerts, "alerts_path", None)
-    path = locate(settings.workspace) if callable(locate) else settings.workspace / "monitoring" / "alerts.jsonl"
-    try:
-        return [dict(a) for a in read(path, limit)], None
+        return [dict(a) for a in read_alerts(path, limit)], None
     except (OSError, ValueError, FinrecError) as exc:
         return [], f"cannot read stored alerts from {path}: {exc}"
 
