@@ -4,7 +4,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-generate bench-train bench-quality clean
+.PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve clean
+
+# apt-get install the Debian packages $(1) unless every program in $(2) (names or paths) is there: quietly, with
+# no prompts, and `apt-get update` only when the install fails first (a fresh machine's package lists are empty or
+# stale). As root, or through passwordless sudo. Without apt-get or those rights it warns and carries on: the
+# browser test then skips and says why, and bench-serve stops with its own message.
+define apt_install
+	@missing=; for f in $(2); do command -v "$$f" >/dev/null 2>&1 || missing="$$missing $$f"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "warning: no apt-get here; install $(1) yourself (missing:$$missing)" >&2; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then as=; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as="sudo -n"; \
+	else echo "warning: installing $(1) needs root or passwordless sudo (missing:$$missing)" >&2; exit 0; fi; \
+	echo "installing $(1) with apt-get (missing:$$missing) ..."; \
+	apt="$$as env DEBIAN_FRONTEND=noninteractive apt-get -y -qq"; \
+	$$apt install $(1) >/dev/null 2>&1 || { $$apt update && $$apt install $(1) >/dev/null; } \
+		|| echo "warning: apt-get could not install $(1)" >&2
+endef
 
 # Re-install when pyproject.toml changes. torch is pinned to 2.13.0 (a CPU build on local disk).
 $(STAMP): pyproject.toml
@@ -29,6 +47,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
+## Headless Chromium and its driver, for the Swagger UI browser test (Debian's chromium and chromium-driver).
+browser-deps:
+	$(call apt_install,chromium chromium-driver,/usr/bin/chromium /usr/bin/chromedriver)
+
 bench-generate: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
 
@@ -37,6 +59,11 @@ bench-train: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py
+
+## Speed of the API on the default world against bare model work and /health (wrk; installed first if missing).
+bench-serve: $(STAMP)
+	$(call apt_install,wrk,wrk)
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) finrec-workspace .pytest_cache .ruff_cache .mypy_cache

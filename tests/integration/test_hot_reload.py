@@ -16,103 +16,26 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from live_server import ADMIN, ServerFactory, free_port, metric, server_env
 
 from finrec.config import FinrecSettings
 from finrec.testing import TINY_TRAIN
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "k"
-ADMIN = {"X-API-Key": API_KEY}
 N_CLIENTS = 8
 LOAD_SECONDS = 10.0
 MAX_REQUESTS_PER_CLIENT = 50_000  # a bound in count as well as in time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(workspace: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")}
-    return env | {"FINREC_SERVE__API_KEY": API_KEY, "FINREC_WORKSPACE": str(workspace), "COLUMNS": "200"}
-
-
-class Server:
-    """``finrec serve`` in a subprocess; output goes to files (a full pipe would block the server)."""
-
-    def __init__(self, model_dir: Path, data: Path, workdir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.stdout_path, self.stderr_path = workdir / "stdout.txt", workdir / "stderr.txt"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "finrec", "serve", "--model-dir", str(model_dir), "--data", str(data),
-                 "--port", str(self.port)],
-                stdout=out, stderr=err, env=_env(workdir / "workspace"), cwd=workdir,
-            )  # fmt: skip
-
-    def output(self) -> str:
-        return self.stdout_path.read_text() + self.stderr_path.read_text()
-
-    def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early ({self.proc.returncode}): {self.output()}")
-            try:
-                r = httpx.get(f"{self.url}/ready", timeout=5)
-                if r.status_code == 200:
-                    return dict(r.json())
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready within {timeout} s: {self.output()}")
-
-    def interrupt(self, timeout: float = 30) -> int:
-        """Ctrl-C, then wait; the exit code (the process is killed, and the test fails, if it hangs)."""
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            raise AssertionError(f"server did not stop within {timeout} s of SIGINT: {self.output()}") from None
-
-    def kill_if_running(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Any]:
-    started: list[Server] = []
-
-    def start(model_dir: Path, data: Path) -> Server:
-        srv = Server(model_dir, data, tmp_path / f"server{len(started)}")
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.kill_if_running()
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +59,6 @@ def _version(bundle: Path) -> str:
     return str(json.loads((bundle / "manifest.json").read_text())["metrics"]["model_version"])
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    """Value of one sample of the Prometheus text (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
-
-
 def _assert_json_logs(stderr: str) -> None:
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert lines, "the server logged nothing"
@@ -159,7 +71,7 @@ def _assert_json_logs(stderr: str) -> None:
 
 
 def test_hot_reloads_under_concurrent_load_never_fail_a_request(
-    server_factory: Any, tiny_model: Path, bundle_b: Path, tiny_world: Path, tmp_path: Path
+    server_factory: ServerFactory, tiny_model: Path, bundle_b: Path, tiny_world: Path, tmp_path: Path
 ) -> None:
     version_a, version_b = _version(tiny_model), _version(bundle_b)
     assert version_a != version_b
@@ -227,13 +139,13 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     assert set(versions) == {version_a, version_b}, versions
     assert sum(versions.values()) > 100, versions  # the load was real
     metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
-    assert _metric(metrics, "finrec_model_reloads_total", outcome="ok") == len(plan) - 1
-    assert _metric(metrics, "finrec_model_reloads_total", outcome="refused") == 1
-    assert _metric(metrics, "finrec_model_info", model_version=serving) == 1
-    assert _metric(metrics, "finrec_model_info", model_version=version_b) == 0
-    served = _metric(metrics, "finrec_requests_total", route="/recommend/{user_id}", method="GET", status="200")
+    assert metric(metrics, "finrec_model_reloads_total", outcome="ok") == len(plan) - 1
+    assert metric(metrics, "finrec_model_reloads_total", outcome="refused") == 1
+    assert metric(metrics, "finrec_model_info", model_version=serving) == 1
+    assert metric(metrics, "finrec_model_info", model_version=version_b) == 0
+    served = metric(metrics, "finrec_requests_total", route="/recommend/{user_id}", method="GET", status="200")
     assert served >= sum(versions.values())
-    assert _metric(metrics, "finrec_requests_total", route="/recommend/{user_id}", method="GET", status="500") == 0
+    assert metric(metrics, "finrec_requests_total", route="/recommend/{user_id}", method="GET", status="500") == 0
 
     assert srv.interrupt(timeout=30) == 0, srv.output()
     _assert_json_logs(srv.stderr_path.read_text())
@@ -249,7 +161,7 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     ["garbage", "truncated"],
 )  # fmt: skip
 def test_reload_of_a_damaged_ranker_file_is_refused_the_server_survives_and_logs_stay_json(
-    server_factory: Any, tiny_model: Path, tiny_world: Path, tmp_path: Path, damage: str
+    server_factory: ServerFactory, tiny_model: Path, tiny_world: Path, tmp_path: Path, damage: str
 ) -> None:
     damaged = tmp_path / damage
     shutil.copytree(tiny_model, damaged)
@@ -274,8 +186,8 @@ def test_serve_without_a_model_bundle_exits_2_with_a_clear_message(tiny_world: P
     missing = tmp_path / "no-such-model"
     res = subprocess.run(
         [sys.executable, "-m", "finrec", "serve", "--model-dir", str(missing), "--data", str(tiny_world),
-         "--port", str(_free_port())],
-        capture_output=True, text=True, env=_env(tmp_path / "ws"), timeout=120,
+         "--port", str(free_port())],
+        capture_output=True, text=True, env=server_env(tmp_path / "ws"), timeout=120,
     )  # fmt: skip
     text = res.stdout + res.stderr
     assert res.returncode == 2, text
@@ -291,7 +203,7 @@ def test_serve_on_a_busy_port_exits_2_naming_the_port(tiny_model: Path, tiny_wor
         res = subprocess.run(
             [sys.executable, "-m", "finrec", "serve", "--model-dir", str(tiny_model), "--data", str(tiny_world),
              "--port", str(port)],
-            capture_output=True, text=True, env=_env(tmp_path / "ws"), timeout=120,
+            capture_output=True, text=True, env=server_env(tmp_path / "ws"), timeout=120,
         )  # fmt: skip
     text = res.stdout + res.stderr
     assert res.returncode == 2, text
