@@ -398,10 +398,16 @@ def serve(
         os.environ["FINREC_SERVE__DATA"] = str(srv.data.resolve())
     os.environ["FINREC_SERVE__CLOCK"] = srv.clock
     os.environ["FINREC_WORKSPACE"] = str(settings.workspace.resolve())
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="finrec-metrics-")
+    metrics_dir = tempfile.mkdtemp(prefix="finrec-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     out.print(f"serving {srv.model_dir} with {srv.workers} workers on http://{srv.host}:{srv.port}")
-    uvicorn.run("finrec.serving.app:app_from_environment", factory=True, workers=srv.workers,
-                **common)  # type: ignore[arg-type]  # fmt: skip
+    try:
+        uvicorn.run("finrec.serving.app:app_from_environment", factory=True, workers=srv.workers,
+                    **common)  # type: ignore[arg-type]  # fmt: skip
+    finally:
+        import shutil
+
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

@@ -310,3 +310,19 @@ def test_live_events_change_features_as_the_offline_builder_would(tiny_world: Pa
     expected_emb = model.retriever.user_embeddings(model.space.user_dense(snap2)[[u]], mapped)[0]
     np.testing.assert_allclose(who.embedding, expected_emb, atol=1e-4)
     assert not np.allclose(who.embedding, served.user_emb[u], atol=1e-3)  # the events did move the customer
+
+
+def test_the_data_clock_is_shared_by_workers_and_restarts(tmp_path: Path) -> None:
+    """Events stamped by the data clock must not be 'in the future' for another worker or after a restart."""
+    import time
+
+    from finrec.serving.service import make_clock
+
+    state = tmp_path / "clock.json"
+    first = make_clock("data", 1_700_000_000, state)
+    time.sleep(0.3)
+    second = make_clock("data", 1_700_000_000, state)  # another worker, or the same service restarted later
+    assert abs(first() - second()) < 0.05
+    assert 1_700_000_000 <= first() < 1_700_000_000 + 60
+    fresh = make_clock("data", 1_800_000_000, state)  # new data: its clock starts at its own end
+    assert 1_800_000_000 <= fresh() < 1_800_000_000 + 5

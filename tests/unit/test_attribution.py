@@ -53,14 +53,18 @@ def test_the_credit_goes_to_the_features_that_carry_the_signal() -> None:
     assert agree > 0.9
 
 
-def test_the_ranker_falls_back_to_treeshap_when_paths_do_not_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leaf_table_lookup_equals_the_walk_and_the_ranker_uses_it() -> None:
+    booster, X = _booster()
+    paths = PathAttribution(booster)
+    leaves = booster.predict(X, pred_leaf=True)
+    np.testing.assert_allclose(paths.from_leaves(leaves), paths.contributions(X), atol=1e-12)
+
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(600, 3)).astype(np.float32)
-    y = (X[:, 0] > 0).astype(int) + (X[:, 0] > 1)
-    ranker = Ranker(RankerConfig(n_estimators=30, min_child_samples=5)).fit(X, y, np.repeat(np.arange(60), 10),
+    Xr = rng.normal(size=(600, 3)).astype(np.float32)
+    y = (Xr[:, 0] > 0).astype(int) + (Xr[:, 0] > 1)
+    ranker = Ranker(RankerConfig(n_estimators=30, min_child_samples=5)).fit(Xr, y, np.repeat(np.arange(60), 10),
                                                                            ["a", "b", "c"])  # fmt: skip
-    path = ranker.contributions(X[:10])
-    shap = ranker.contributions(X[:10], method="shap")
+    path = ranker.contributions(Xr[:10])
+    shap = ranker.contributions(Xr[:10], method="shap")
+    np.testing.assert_allclose(path.sum(axis=1), ranker.predict(Xr[:10]), atol=1e-6)
     np.testing.assert_allclose(path.sum(axis=1), shap.sum(axis=1), atol=1e-6)
-    monkeypatch.setattr(PathAttribution, "contributions", lambda self, X: np.zeros((len(X), 4)))
-    np.testing.assert_array_equal(ranker.contributions(X[:10]), shap)

