@@ -740,3 +740,14 @@ def test_no_request_in_this_module_got_a_server_error() -> None:
     assert len(STATUSES) > 100
     errors = [s for s in STATUSES if s[2] >= 500]
     assert not errors, errors
+
+
+def test_recommendation_bodies_match_the_documented_schema(client: RecordingClient) -> None:
+    """The routes return the Recommender's body as is (no re-validation), so hold it to the schema here."""
+    from finrec.serving.schemas import RecommendationResponse
+
+    for user in ("1", "2", "3", "77", "1500"):
+        body = client.get(f"/recommend/{user}?k=7").json()
+        assert RecommendationResponse.model_validate(body).model_dump(mode="json") == body
+    prospect = client.post("/recommend", json={"profile": {"age": 30, "income": 50_000, "credit_score": 700}}).json()
+    assert RecommendationResponse.model_validate(prospect).model_dump(mode="json") == prospect
