@@ -165,6 +165,13 @@ class AdversarialRanker:
     def contributions(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.inner.contributions(X))
 
+    def predict_with_leaves(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score, leaves = self.inner.predict_with_leaves(X)
+        return score + 1e3 * self.badness[: len(X)], leaves
+
+    def contributions_from_leaves(self, leaves: np.ndarray) -> np.ndarray:
+        return np.asarray(self.inner.contributions_from_leaves(leaves))
+
 
 profiles = st.fixed_dictionaries({
     "age": st.one_of(st.none(), st.integers(16, 90)),

@@ -68,3 +68,6 @@ def test_leaf_table_lookup_equals_the_walk_and_the_ranker_uses_it() -> None:
     shap = ranker.contributions(Xr[:10], method="shap")
     np.testing.assert_allclose(path.sum(axis=1), ranker.predict(Xr[:10]), atol=1e-6)
     np.testing.assert_allclose(path.sum(axis=1), shap.sum(axis=1), atol=1e-6)
+    scores, leaves = ranker.predict_with_leaves(Xr)  # one pass: the scores and, for kept rows, their reasons
+    np.testing.assert_allclose(scores, ranker.predict(Xr), atol=1e-9)
+    np.testing.assert_allclose(ranker.contributions_from_leaves(leaves[:10]), path, atol=1e-12)

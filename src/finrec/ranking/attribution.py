@@ -116,6 +116,29 @@ class PathAttribution:
         self.leaf_table = np.vstack(rows_of_leaves) if rows_of_leaves else np.zeros((0, self.n_features + 1))
         self.leaf_table[:, -1] = 0.0
         self.bias = float(self.value[self.roots].sum())
+        self.leaf_value = self._leaf_values(dump)
+
+    @staticmethod
+    def _leaf_values(dump: dict[str, Any]) -> np.ndarray:
+        """Every leaf's value, tree after tree, in LightGBM's leaf_index order (the rows of the leaf table)."""
+        out: list[float] = []
+        for tree in dump["tree_info"]:
+            found: dict[int, float] = {}
+            stack = [tree["tree_structure"]]
+            while stack:
+                node = stack.pop()
+                if "leaf_value" in node:
+                    found[int(node.get("leaf_index", 0))] = float(node["leaf_value"])
+                else:
+                    stack += [node["left_child"], node["right_child"]]
+            out += [found[i] for i in range(len(found))]
+        return np.asarray(out, dtype=np.float64)
+
+    def scores_from_leaves(self, leaves: np.ndarray) -> np.ndarray:
+        """Raw scores from LightGBM's leaf indices: the sum of the leaves' values, tree by tree."""
+        leaves = np.asarray(leaves, dtype=np.int64).reshape(len(leaves), -1)
+        values = self.leaf_value[leaves + self.leaf_offset[None, : leaves.shape[1]]]
+        return np.cumsum(values, axis=1)[:, -1] if values.shape[1] else np.zeros(len(leaves))
 
     def _paths_to_leaves(self, node: dict[str, Any], acc: np.ndarray, out: dict[int, np.ndarray]) -> None:
         if "leaf_value" in node:

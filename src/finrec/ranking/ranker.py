@@ -118,6 +118,26 @@ class Ranker:
             self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=self.config.num_threads)
         )
 
+    def _path_attribution(self) -> PathAttribution:
+        if not hasattr(self, "_paths"):
+            self._paths = PathAttribution(self.booster_, self.best_iteration_)
+        return self._paths
+
+    def predict_with_leaves(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and the leaf each row reaches in each tree, from one pass over the trees.
+
+        The scores equal :meth:`predict`'s (the sum of the leaves' values); the leaves give
+        :meth:`contributions_from_leaves` for the rows that are kept, without walking the trees again.
+        """
+        self._check(X)
+        leaves = np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_leaf=True,
+                                                  num_threads=self.config.num_threads))  # fmt: skip
+        return self._path_attribution().scores_from_leaves(leaves), leaves
+
+    def contributions_from_leaves(self, leaves: np.ndarray) -> np.ndarray:
+        """Path contributions (n, n_features + 1) of rows given their leaves (see :meth:`predict_with_leaves`)."""
+        return self._path_attribution().from_leaves(leaves)
+
     def contributions(self, X: np.ndarray, method: Literal["path", "shap"] = "path") -> np.ndarray:
         """(n, n_features + 1) per-feature contributions to each score (last column: bias); rows sum to the score.
 
@@ -127,11 +147,7 @@ class Ranker:
         """
         self._check(X)
         if method == "path":
-            if not hasattr(self, "_paths"):
-                self._paths = PathAttribution(self.booster_, self.best_iteration_)
-            leaves = self.booster_.predict(X, num_iteration=self.best_iteration_, pred_leaf=True,
-                                           num_threads=self.config.num_threads)  # fmt: skip
-            return self._paths.from_leaves(np.asarray(leaves))
+            return self.contributions_from_leaves(self.predict_with_leaves(X)[1])
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True,
                                                 num_threads=self.config.num_threads))  # fmt: skip
 

@@ -152,7 +152,8 @@ class Recommender:
             log.error("guardrail violation: a removed product reached the answer; dropped",
                       extra={"request_id": request_id, "count": violations})  # fmt: skip
             ranked = Ranked(ranked.items[ok], ranked.scores[ok], ranked.approval[ok], ranked.features[ok],
-                            ranked.n_candidates, ranked.timings)  # fmt: skip
+                            ranked.n_candidates, ranked.timings,
+                            None if ranked.leaves is None else ranked.leaves[ok])  # fmt: skip
         t1 = time.perf_counter()
         items = self._items(model, mapper, ranked, guard)
         t2 = time.perf_counter()
@@ -178,7 +179,7 @@ class Recommender:
 
     def _items(self, model: ServingModel, mapper: ReasonMapper, ranked: Ranked,
                guard: GuardrailResult) -> list[dict[str, Any]]:  # fmt: skip
-        contrib = model.contributions(ranked.features)
+        contrib = model.contributions(ranked.features, ranked.leaves)
         model_codes = (mapper.model_reasons(contrib, self.max_reasons, features=ranked.features)
                        if contrib is not None else [[] for _ in ranked.items])  # fmt: skip
         data = model.data

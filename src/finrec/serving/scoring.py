@@ -42,6 +42,7 @@ class Ranked:
     features: np.ndarray  # (m, n_features) float32 ranker inputs of the returned items
     n_candidates: int  # candidates retrieved and ranked
     timings: dict[str, float]  # seconds per step
+    leaves: np.ndarray | None = None  # (m, n_trees) ranker leaves of the returned items (their reasons)
 
 
 @dataclass
@@ -156,8 +157,10 @@ class ServingModel:
             odds = self.model.approval.predict_proba(X[:, self.approval_cols])
             X[:, self.odds_col] = odds
         t3 = time.perf_counter()
+        leaves = None
         if self.model.ranker is not None and n:
-            score = self.model.ranker.predict(X)
+            # One pass over the trees gives the scores and, for the items kept, their contributions (reasons).
+            score, leaves = self.model.ranker.predict_with_leaves(X)
         else:
             score = -np.arange(1, n + 1, dtype=np.float64)
         # Likely declines go below every other candidate (a decline costs a hard credit inquiry).
@@ -165,12 +168,15 @@ class ServingModel:
         order = np.argsort(-final, kind="stable")[:k]
         t4 = time.perf_counter()
         timings = {"retrieval": t1 - t0, "features": t2 - t1, "approval": t3 - t2, "ranker": t4 - t3}
-        return Ranked(items[order], final[order], odds[order], X[order], n, timings)
+        return Ranked(items[order], final[order], odds[order], X[order], n, timings,
+                      None if leaves is None else leaves[order])  # fmt: skip
 
-    def contributions(self, features: np.ndarray) -> np.ndarray | None:
+    def contributions(self, features: np.ndarray, leaves: np.ndarray | None = None) -> np.ndarray | None:
         """Per-feature contributions of the ranker to each row's score (None without a ranker)."""
         if self.model.ranker is None or not len(features):
             return None
+        if leaves is not None:
+            return self.model.ranker.contributions_from_leaves(leaves)
         return self.model.ranker.contributions(features)
 
     def warm_up(self, rows: np.ndarray) -> None:
