@@ -23,8 +23,9 @@ from typing import NamedTuple
 import pytest
 
 from finrec.errors import ConfigError
+from finrec.events.redis_store import RedisEventStore
 from finrec.events.schema import Event
-from finrec.events.store import EventStore, MemoryEventStore, RedisEventStore, SQLiteEventStore, open_event_store
+from finrec.events.store import EventStore, MemoryEventStore, SQLiteEventStore, open_event_store
 
 TS = 1_700_000_000
 REDIS = "redis://127.0.0.1:6379/15"

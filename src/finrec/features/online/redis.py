@@ -36,8 +36,8 @@ from typing import Any, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from finrec.errors import ConfigError
+from finrec.events.redis_store import _REDIS_HINT, _parse_redis_url
 from finrec.events.schema import Event
-from finrec.events.store import _REDIS_HINT, _parse_redis_url
 from finrec.features.online import SUPPORTED_URLS, Activity, _check_events, _check_max, _check_open
 
 _SEQ_DIGITS = 20  # 10**20 > 2**64: Redis counters never outgrow the padding, so members sort by number
