@@ -29,7 +29,6 @@ Examples
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import fields
@@ -37,8 +36,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Protocol
 
-from finrec.errors import ConfigError
 from finrec.events.schema import Event
+from finrec.storage import open_wal_database, parse_store_url
 
 SUPPORTED_URLS = (
     "memory://, sqlite:///relative/path/events.db, sqlite:////absolute/path/events.db "
@@ -143,40 +142,17 @@ class SQLiteEventStore:
         self.path = Path(path)
         self._lock = threading.Lock()  # one connection for all threads; sqlite3 connections are not thread-safe
         self._closed = False
-        hint = f"check that {self.path.parent} is writable and {self.path.name} is an event store (or a new file)"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions, so append controls exactly where a batch begins and ends.
-            self._db = sqlite3.connect(
-                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the event store {self.path}: {exc}", hint=hint) from exc
-        try:
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            # WAL lets readers (consumers tailing the log) run while a batch is written, and other processes wait
-            # on SQLite's file locks instead of failing. synchronous=NORMAL then writes each committed transaction
-            # to the WAL file before COMMIT returns but skips the fsync: the data sits in the operating system's page
-            # cache, which survives the death of the process (SIGKILL included) and is lost only if the machine
-            # itself goes down before the next checkpoint. That is the durability promised; FULL would pay an fsync
-            # per batch to survive power loss as well.
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is needed (use memory:// for RAM)")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            # seq is an explicit AUTOINCREMENT key: numbers are never reused (not even after deleting the newest
-            # rows) and VACUUM cannot renumber them, as it may an implicit rowid. UNIQUE on event_id is the
-            # idempotency key that INSERT OR IGNORE relies on, exactly as a PRIMARY KEY would be.
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                "event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL, product_id TEXT NOT NULL, "
-                "event_type TEXT NOT NULL, ts INTEGER NOT NULL, position INTEGER, request_id TEXT, "
-                "channel TEXT, arm TEXT, model_version TEXT)"
-            )
-            self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM events LIMIT 0")  # an older or foreign table
-        except sqlite3.Error as exc:
-            self._db.close()
-            raise ConfigError(f"cannot use {self.path} as an event store: {exc}", hint=hint) from exc
+        # seq is an explicit AUTOINCREMENT key: numbers are never reused (not even after deleting the newest rows)
+        # and VACUUM cannot renumber them, as it may an implicit rowid. UNIQUE on event_id is the idempotency key
+        # that INSERT OR IGNORE relies on, exactly as a PRIMARY KEY would be.
+        schema = (
+            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL, product_id TEXT NOT NULL, "
+            "event_type TEXT NOT NULL, ts INTEGER NOT NULL, position INTEGER, request_id TEXT, "
+            "channel TEXT, arm TEXT, model_version TEXT)",
+        )
+        probe = f"SELECT {', '.join(_COLUMNS)} FROM events LIMIT 0"  # an older or foreign table
+        self._db = open_wal_database(self.path, "event store", schema, (probe,), busy_timeout_ms)
         self._insert = f"INSERT OR IGNORE INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
         self._select = f"SELECT seq, {', '.join(_COLUMNS)} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 
@@ -233,32 +209,15 @@ def open_event_store(url: str) -> EventStore:
         If the URL is malformed, its scheme is not supported, the SQLite file cannot be opened or the Redis server
         cannot be used.
     """
-    hint = f"use {SUPPORTED_URLS}"
-    if not isinstance(url, str):
-        raise ConfigError(f"the event store URL must be text, got {type(url).__name__}", hint=hint)
-    scheme, sep, rest = url.strip().partition("://")
-    scheme = scheme.lower()
-    # The URL itself is never echoed for redis: it may hold a password.
-    if scheme in ("redis", "rediss"):
+    kind, path = parse_store_url(url, "event store", SUPPORTED_URLS)
+    if kind == "redis":
         from finrec.events.redis_store import RedisEventStore  # redis-py is imported only by those who use it
 
         return RedisEventStore(url)
-    if not sep or not scheme:
-        raise ConfigError(f"the event store URL {url!r} has no scheme", hint=hint)
-    if scheme == "memory":
-        if rest:
-            raise ConfigError(f"the event store URL {url!r} has a path, but memory:// takes none", hint=hint)
+    if kind == "memory":
         return MemoryEventStore()
-    if scheme == "sqlite":
-        path = rest[1:]
-        if not rest.startswith("/") or not path or path.endswith("/") or "?" in path:
-            raise ConfigError(
-                f"the event store URL {url!r} is not a SQLite file URL",
-                hint="write sqlite:/// (three slashes) and a file path, with four slashes for an absolute path: "
-                + SUPPORTED_URLS,
-            )
-        return SQLiteEventStore(path)
-    raise ConfigError(f"the event store URL scheme {scheme!r} is not supported", hint=hint)
+    assert path is not None
+    return SQLiteEventStore(path)
 
 
 def _row(event: Event) -> tuple[object, ...]:

@@ -45,6 +45,7 @@ from typing import Protocol
 
 from finrec.errors import ConfigError
 from finrec.events.schema import Event
+from finrec.storage import parse_store_url
 
 SUPPORTED_URLS = (
     "memory://, sqlite:///relative/path/online.db, sqlite:////absolute/path/online.db "
@@ -136,36 +137,21 @@ def open_online_store(url: str, max_per_user: int = 500) -> OnlineFeatureStore:
         If the URL is malformed or its scheme unsupported, ``max_per_user`` is not a positive integer, the SQLite
         file cannot be used or the Redis server cannot be reached. Redis URLs are never echoed (passwords).
     """
-    hint = f"use {SUPPORTED_URLS}"
-    if not isinstance(url, str):
-        raise ConfigError(f"the online store URL must be text, got {type(url).__name__}", hint=hint)
-    _check_max(max_per_user)
-    scheme, sep, rest = url.strip().partition("://")
-    scheme = scheme.lower()
-    if scheme in ("redis", "rediss"):
+    if isinstance(url, str):  # as before: text first, then the limit, then the URL's form
+        _check_max(max_per_user)
+    kind, path = parse_store_url(url, "online store", SUPPORTED_URLS)
+    if kind == "redis":
         from finrec.features.online.redis import RedisOnlineStore
 
         return RedisOnlineStore(url, max_per_user=max_per_user)
-    if not sep or not scheme:
-        raise ConfigError(f"the online store URL {url!r} has no scheme", hint=hint)
-    if scheme == "memory":
-        if rest:
-            raise ConfigError(f"the online store URL {url!r} has a path, but memory:// takes none", hint=hint)
+    if kind == "memory":
         from finrec.features.online.memory import MemoryOnlineStore
 
         return MemoryOnlineStore(max_per_user=max_per_user)
-    if scheme == "sqlite":
-        path = rest[1:]
-        if not rest.startswith("/") or not path or path.endswith("/") or "?" in path:
-            raise ConfigError(
-                f"the online store URL {url!r} is not a SQLite file URL",
-                hint="write sqlite:/// (three slashes) and a file path, with four slashes for an absolute path: "
-                + SUPPORTED_URLS,
-            )
-        from finrec.features.online.sqlite import SQLiteOnlineStore
+    from finrec.features.online.sqlite import SQLiteOnlineStore
 
-        return SQLiteOnlineStore(path, max_per_user=max_per_user)
-    raise ConfigError(f"the online store URL scheme {scheme!r} is not supported", hint=hint)
+    assert path is not None
+    return SQLiteOnlineStore(path, max_per_user=max_per_user)
 
 
 def _check_max(max_per_user: int) -> int:

@@ -18,15 +18,14 @@ Tables:
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from finrec.errors import ConfigError
 from finrec.events.schema import Event
 from finrec.features.online import Activity, _check_events, _check_max, _check_open
+from finrec.storage import open_wal_database
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS activity (user_id TEXT NOT NULL, ts INTEGER NOT NULL, seq INTEGER PRIMARY KEY, "
@@ -72,29 +71,10 @@ class SQLiteOnlineStore:
         self.max_per_user = _check_max(max_per_user)
         self._lock = threading.Lock()  # one connection for every thread; a sqlite3 connection is not thread-safe
         self._closed = False
-        hint = f"check that {self.path.parent} is writable and {self.path.name} is an online store (or a new file)"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; record and recent_many say where theirs begin and end.
-            self._db = sqlite3.connect(
-                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the online store {self.path}: {exc}", hint=hint) from exc
-        try:
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is needed (use memory:// for RAM)")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            for statement in _SCHEMA:
-                self._db.execute(statement)
-            # Tables of these names made by something else: fail now rather than at the first record.
-            self._db.execute("SELECT user_id, ts, seq, event_type, product_id FROM activity LIMIT 0")
-            self._db.execute("SELECT product_id, event_type, n FROM product_counts LIMIT 0")
-        except sqlite3.Error as exc:
-            self._db.close()
-            raise ConfigError(f"cannot use {self.path} as an online store: {exc}", hint=hint) from exc
+        # Tables of these names made by something else fail a probe now rather than at the first record.
+        probes = ("SELECT user_id, ts, seq, event_type, product_id FROM activity LIMIT 0",
+                  "SELECT product_id, event_type, n FROM product_counts LIMIT 0")  # fmt: skip
+        self._db = open_wal_database(self.path, "online store", _SCHEMA, probes, busy_timeout_ms)
 
     def record(self, events: Sequence[Event]) -> None:
         """Add new events to their customers' activity and their products' counts, in one transaction."""
