@@ -16,7 +16,6 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,30 +25,17 @@ from finrec.errors import ConfigError
 from finrec.events.redis_store import RedisEventStore
 from finrec.events.schema import Event
 from finrec.events.store import EventStore, MemoryEventStore, SQLiteEventStore, open_event_store
+from finrec.testing import REDIS_TEST_URL, redis_unavailable
+from finrec.testing import drop_redis_keys as drop_redis_prefix
 
 TS = 1_700_000_000
-REDIS = "redis://127.0.0.1:6379/15"
+REDIS = REDIS_TEST_URL
 
 
 class Backend(NamedTuple):
     url: Callable[[Path], str]
     shared: bool
     cleanup: Callable[[str], None] | None = None
-
-
-@cache
-def redis_unavailable() -> str | None:
-    """Why the Redis cases cannot run, or None if a server answers at 127.0.0.1:6379."""
-    try:
-        import redis
-    except ImportError:
-        return "redis-py is not installed (pip install -e '.[redis]')"
-    try:
-        with redis.Redis.from_url(REDIS, socket_connect_timeout=1, socket_timeout=2) as client:
-            client.ping()
-    except redis.RedisError as exc:
-        return f"no Redis server at 127.0.0.1:6379: {exc}"
-    return None
 
 
 def redis_url(tmp: Path | None = None) -> str:
@@ -59,13 +45,7 @@ def redis_url(tmp: Path | None = None) -> str:
 
 
 def drop_redis_keys(url: str) -> None:
-    import redis
-
-    prefix = url.rpartition("prefix=")[2]
-    with redis.Redis.from_url(REDIS) as client:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+    drop_redis_prefix(url.rpartition("prefix=")[2])
 
 
 BACKENDS = {

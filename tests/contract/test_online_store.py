@@ -18,7 +18,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,30 +29,17 @@ from finrec.features.online import Activity, OnlineFeatureStore, open_online_sto
 from finrec.features.online.memory import MemoryOnlineStore
 from finrec.features.online.redis import RedisOnlineStore
 from finrec.features.online.sqlite import SQLiteOnlineStore
+from finrec.testing import REDIS_TEST_URL, redis_unavailable
+from finrec.testing import drop_redis_keys as drop_redis_prefix
 
 TS = 1_700_000_000
-REDIS = "redis://127.0.0.1:6379/15"
+REDIS = REDIS_TEST_URL
 
 
 class Backend(NamedTuple):
     url: Callable[[Path], str]
     shared: bool
     cleanup: Callable[[str], None] | None = None
-
-
-@cache
-def redis_unavailable() -> str | None:
-    """Why the Redis cases cannot run, or None if a server answers at 127.0.0.1:6379."""
-    try:
-        import redis
-    except ImportError:
-        return "redis-py is not installed (pip install -e '.[redis]')"
-    try:
-        with redis.Redis.from_url(REDIS, socket_connect_timeout=1, socket_timeout=2) as client:
-            client.ping()
-    except redis.RedisError as exc:
-        return f"no Redis server at 127.0.0.1:6379: {exc}"
-    return None
 
 
 def redis_url(tmp: Path | None = None) -> str:
@@ -63,13 +49,7 @@ def redis_url(tmp: Path | None = None) -> str:
 
 
 def drop_redis_keys(url: str) -> None:
-    import redis
-
-    prefix = url.rpartition("prefix=")[2]
-    with redis.Redis.from_url(REDIS) as client:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+    drop_redis_prefix(url.rpartition("prefix=")[2])
 
 
 BACKENDS = {

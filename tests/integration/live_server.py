@@ -17,20 +17,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from finrec.testing import REDIS_TEST_URL
+
 API_KEY = "k"
 ADMIN = {"X-API-Key": API_KEY}
-REDIS = "redis://127.0.0.1:6379/15"
 
 
 def redis_store_url(prefix: str) -> str:
     """The URL of an event or online store under ``prefix`` in the test database."""
-    return f"{REDIS}?prefix={prefix}"
+    return f"{REDIS_TEST_URL}?prefix={prefix}"
 
 
 def free_port() -> int:
@@ -143,26 +143,3 @@ class Server:
 ServerFactory = Callable[..., Server]
 
 
-@cache
-def redis_unavailable() -> str | None:
-    """Why the Redis tests cannot run, or None if a server answers at 127.0.0.1:6379."""
-    try:
-        import redis
-    except ImportError:
-        return "redis-py is not installed (pip install -e '.[redis]')"
-    try:
-        with redis.Redis.from_url(REDIS, socket_connect_timeout=1, socket_timeout=2) as client:
-            client.ping()
-    except redis.RedisError as exc:
-        return f"no Redis server answers at 127.0.0.1:6379 (start one with `redis-server`): {exc}"
-    return None
-
-
-def drop_redis_keys(prefix: str) -> None:
-    """Delete every key under ``prefix:`` in the test database."""
-    import redis
-
-    with redis.Redis.from_url(REDIS) as client:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
