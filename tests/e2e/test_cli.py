@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from live_server import free_port
 
 
 def finrec(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -111,7 +112,7 @@ def test_config_show_reflects_file_and_environment(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_job_and_serves_the_api(tmp_path: Path) -> None:
-    port = _free_tcp_port()
+    port = free_port()
     env = {"FINREC_GENERATE__USERS": "400", "FINREC_GENERATE__PRODUCTS": "20", "FINREC_GENERATE__MONTHS": "2",
            "FINREC_SERVE__PORT": str(port)}  # fmt: skip
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")} | env | {"COLUMNS": "200"}
@@ -133,12 +134,6 @@ def test_demo_runs_the_whole_job_and_serves_the_api(tmp_path: Path) -> None:
     assert (tmp_path / "ws" / "audit" / "audit.jsonl").is_file()  # the answer above was audited
     again = finrec("demo", "--workspace", str(tmp_path / "ws"), "--no-serve", env=env)
     assert again.returncode == 0 and "reusing" in again.stdout
-
-
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for_json(url: str, proc: subprocess.Popen[str], timeout: float) -> dict:

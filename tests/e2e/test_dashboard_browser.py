@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from live_server import Server, server_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -49,19 +48,6 @@ class Fed:
     model_version: str
     expected: dict[str, int]
     answers: int
-
-
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(workspace: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")}
-    env["FINREC_WORKSPACE"] = str(workspace)  # audit log and event store go there, not in the repo
-    env["COLUMNS"] = "200"
-    return env
 
 
 def _call(method: str, url: str, body: Any = None) -> Any:
@@ -110,39 +96,14 @@ def _feed(base: str) -> tuple[str, dict[str, int], int]:
 @pytest.fixture(scope="module")
 def fed(tiny_world: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
     """``finrec serve`` on a free port with recommendations and feedback posted; stopped with SIGINT."""
-    tmp = tmp_path_factory.mktemp("dashboard")
-    workspace = tmp / "workspace"
-    port = _free_tcp_port()
-    log_path = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "finrec", "serve", "--model-dir", str(tiny_model), "--data", str(tiny_world),
-           "--port", str(port)]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workspace))
-    base = f"http://127.0.0.1:{port}"
+    server = Server(tiny_model, tiny_world, tmp_path_factory.mktemp("dashboard"))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"finrec serve exited early ({proc.returncode}):\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{base}/ready did not answer 200 within 180 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        version, counts, answers = _feed(base)
-        yield Fed(base, workspace, version, counts, answers)
+        server.wait_ready()
+        version, counts, answers = _feed(server.url)
+        yield Fed(server.url, server.workspace, version, counts, answers)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert proc.returncode == 0, f"finrec serve did not stop cleanly ({proc.returncode}):\n{log_path.read_text()}"
+        code = server.interrupt()
+    assert code == 0, f"finrec serve did not stop cleanly ({code}):\n{server.output()}"
 
 
 def _totals(report: dict[str, Any]) -> dict[str, int]:
@@ -216,7 +177,7 @@ def test_monitor_command_on_the_service_workspace(fed: Fed, tiny_world: Path, ti
     out = tmp_path / "monitor"
     cmd = [sys.executable, "-m", "finrec", "monitor", "--output", str(out), "--data", str(tiny_world),
            "--model-dir", str(tiny_model)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(fed.workspace), timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=server_env(fed.workspace), timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads((out / "monitor.json").read_text())
     assert _totals(report) == fed.expected
@@ -228,5 +189,5 @@ def test_monitor_command_on_the_service_workspace(fed: Fed, tiny_world: Path, ti
     assert "features" in drift or drift["available"] is False, drift
 
     missing = subprocess.run([*cmd[:3], "monitor", "--output", str(out), "--audit-log", str(tmp_path / "no.jsonl")],
-                             capture_output=True, text=True, env=_env(fed.workspace), timeout=300)  # fmt: skip
+                             capture_output=True, text=True, env=server_env(fed.workspace), timeout=300)  # fmt: skip
     assert missing.returncode == 2 and "no audit log" in missing.stderr and "Traceback" not in missing.stderr

@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from live_server import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -42,47 +37,16 @@ pytestmark = [
 ]
 
 
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tiny_world: Path, tiny_model: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """``finrec serve`` on a free port, as a subprocess with only the settings given here; stopped with SIGINT."""
-    port = _free_tcp_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")}
-    env["FINREC_WORKSPACE"] = str(tmp_path / "workspace")  # audit log and event store go there, not in the repo
-    log_path = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "finrec", "serve", "--model-dir", str(tiny_model), "--data", str(tiny_world),
-           "--port", str(port)]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    server = Server(tiny_model, tiny_world, tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"finrec serve exited early ({proc.returncode}):\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{base}/ready did not answer 200 within 180 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield base
+        server.wait_ready()
+        yield server.url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert proc.returncode == 0, f"finrec serve did not stop cleanly ({proc.returncode}):\n{log_path.read_text()}"
+        code = server.interrupt()
+    assert code == 0, f"finrec serve did not stop cleanly ({code}):\n{server.output()}"
 
 
 def _browser(base: str, outside: list[str]):  # type: ignore[no-untyped-def]

@@ -76,11 +76,12 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = workdir / "stdout.txt", workdir / "stderr.txt"
+        self.workspace = workdir / "workspace"  # audit log, event store, clock: never in the repo
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "finrec", "serve", "--model-dir", str(model_dir), "--data", str(data),
                  "--port", str(self.port), *args],
-                stdout=out, stderr=err, env=server_env(workdir / "workspace", env), cwd=workdir,
+                stdout=out, stderr=err, env=server_env(self.workspace, env), cwd=workdir,
                 start_new_session=True,  # its own process group: workers can be stopped with it
             )  # fmt: skip
 
