@@ -135,6 +135,25 @@ class ProductRules:
             risk_tolerance=col("risk_tolerance", self.risk_tolerance),
         )
 
+    def presence(self) -> dict[str, np.ndarray]:
+        """Per active rule, which products have it (where "you meet this requirement" can be said)."""
+        out: dict[str, np.ndarray] = {}
+        if self.min_credit is not None:
+            out["credit"] = ~np.isnan(self.min_credit)
+        if self.min_income is not None:
+            out["income"] = ~np.isnan(self.min_income)
+        if self.age is not None and (self.min_age is not None or self.max_age is not None):
+            has = np.zeros(self.n_products, dtype=bool)
+            for v in (self.min_age, self.max_age):
+                if v is not None:
+                    has |= ~np.isnan(v)
+            out["age"] = has
+        if self.region_ok is not None:
+            out["region"] = np.asarray(~self.region_ok.all(axis=1))
+        if self.risk_level is not None and self.risk_tolerance is not None:
+            out["suitability"] = ~np.isnan(self.risk_level)
+        return out
+
     def failures(self, users: np.ndarray, at: int | None = None) -> dict[str, np.ndarray]:
         """Per rule, a (len(users), n_products) bool mask of products that rule removes."""
         out: dict[str, np.ndarray] = {}

@@ -135,27 +135,6 @@ class LiveState:
         return cool, cap, held
 
 
-def rule_presence(rules: ProductRules) -> dict[str, np.ndarray]:
-    """Per rule, which products have it (a customer-facing 'you meet this requirement' applies only there)."""
-    n = rules.n_products
-    out: dict[str, np.ndarray] = {}
-    if rules.min_credit is not None:
-        out["credit"] = ~np.isnan(rules.min_credit)
-    if rules.min_income is not None:
-        out["income"] = ~np.isnan(rules.min_income)
-    if rules.age is not None and (rules.min_age is not None or rules.max_age is not None):
-        has = np.zeros(n, dtype=bool)
-        for v in (rules.min_age, rules.max_age):
-            if v is not None:
-                has |= ~np.isnan(v)
-        out["age"] = has
-    if rules.region_ok is not None:
-        out["region"] = np.asarray(~rules.region_ok.all(axis=1))
-    if rules.risk_level is not None and rules.risk_tolerance is not None:
-        out["suitability"] = ~np.isnan(rules.risk_level)
-    return out
-
-
 def apply_guardrails(
     rules: ProductRules,
     rule_row: int,
@@ -166,6 +145,7 @@ def apply_guardrails(
     user_id: str | None,
     activity: list[Activity] | None = None,
     product_row: dict[str, int] | None = None,
+    presence: dict[str, np.ndarray] | None = None,
 ) -> GuardrailResult:
     """The products one customer may be shown and how many each guardrail removed.
 
@@ -182,6 +162,8 @@ def apply_guardrails(
     activity, product_row
         The customer's live events since the cutoff (from :meth:`LiveState.activity`) and the catalogue's
         product id -> row map.
+    presence
+        ``rules.presence()`` when the caller keeps it (it depends on the catalogue only).
     """
     n = rules.n_products
     removed = np.zeros(n, dtype=bool)
@@ -208,5 +190,6 @@ def apply_guardrails(
     take("held", holds)
     take("cooling_off", cool)
     take("frequency_cap", cap)
-    presence = {r: has & ~fails[r][0] for r, has in rule_presence(rules).items() if r in fails}
-    return GuardrailResult(~removed, excluded, presence)
+    has_rule = presence if presence is not None else rules.presence()
+    passed = {r: has & ~fails[r][0] for r, has in has_rule.items() if r in fails}
+    return GuardrailResult(~removed, excluded, passed)

@@ -124,7 +124,7 @@ class Recommender:
         cutoff = model.data.cutoff
         activity = self.live.activity(user_id, int(min(cutoff, now - self.live.horizon_days * DAY)))
         guard = apply_guardrails(model.data.rules, row, now, consent, model.data.held(row), self.live, user_id,
-                                 activity, model.data.product_row)  # fmt: skip
+                                 activity, model.data.product_row, model.data.rule_presence)  # fmt: skip
         since_cutoff = [a for a in activity if a.ts >= cutoff]
         return self._answer(model, mapper, model.customer(row, since_cutoff, now), guard, k, request_id, user_id,
                             "customer")  # fmt: skip
@@ -135,7 +135,8 @@ class Recommender:
         rules = model.data.rules.with_users(model.data.prospect_users(profile))
         consent = profile.get("marketing_consent")
         consent_f = float("nan") if consent is None else float(consent)
-        guard = apply_guardrails(rules, 0, self.clock(), consent_f, np.empty(0, np.int64), self.live, None)
+        guard = apply_guardrails(rules, 0, self.clock(), consent_f, np.empty(0, np.int64), self.live, None,
+                                 presence=model.data.rule_presence)  # fmt: skip
         return self._answer(model, mapper, model.prospect(dict(profile)), guard, k, request_id, None, "prospect")
 
     def _answer(self, model: ServingModel, mapper: ReasonMapper, who: CustomerInputs, guard: GuardrailResult,

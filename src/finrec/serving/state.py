@@ -47,6 +47,9 @@ class ServingData:
         self.builder = FeatureBuilder(ds, settings.protected_attributes)
         self.snap = self.builder.snapshot(self.cutoff)
         self.rules = rules_for(ds, settings)
+        # Which products have each rule: the catalogue's, the same for every request (and for prospects, whose
+        # rules differ only in the customer's values).
+        self.rule_presence = self.rules.presence()
         self.n_users, self.n_products = ds.n_users, ds.n_products
         self._user_row = {u: i for i, u in enumerate(ds.users["user_id"].astype(str))}
         P = ds.products
