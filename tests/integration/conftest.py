@@ -7,9 +7,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from live_server import Server, ServerFactory
 
 from finrec.testing import drop_redis_keys, redis_unavailable
+from live_server import Server, ServerFactory
 
 
 @pytest.fixture

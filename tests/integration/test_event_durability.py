@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import Server, ServerFactory, redis_store_url
 
 from finrec.events.store import open_event_store
+from live_server import Server, ServerFactory, redis_store_url
 
 pytestmark = pytest.mark.integration
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from live_server import Server, ServerFactory, redis_store_url
 
 pytestmark = pytest.mark.integration

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import ADMIN, ServerFactory, free_port, metric, server_env
 
 from finrec.config import FinrecSettings
 from finrec.testing import TINY_TRAIN
+from live_server import ADMIN, ServerFactory, free_port, metric, server_env
 
 pytestmark = pytest.mark.integration
 
