@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from finrec.data.contract import EVENT_TYPES
@@ -104,6 +105,11 @@ class RulesSettings(_Section):
 class TrainSettings(_Section):
     """`finrec train`: temporal split, retrieval, ranking."""
 
+    model: Literal["two_stage", "popularity"] = Field(
+        "two_stage",
+        description="`two_stage`: two-tower retrieval, then the LightGBM ranker. `popularity`: the most engaged-with "
+        "allowed products, with the same guardrails and approval odds: a baseline to A/B test against.",
+    )
     eval_days: float = Field(60, gt=0, description="Length of the held-out evaluation window (days).")
     label_days: float = Field(60, gt=0, description="Length of each training label window (days).")
     max_retrieval_windows: int = Field(4, ge=1, le=24, description="Label windows the retriever learns from.")
@@ -158,6 +164,13 @@ class ServeSettings(_Section):
         "wall",
         description="`wall`: the machine's clock. `data`: time continues from the end of the data (replaying a "
         "synthetic world: cooling-off, frequency caps and launch dates then apply to its events).",
+    )
+    clock_speed: float = Field(
+        1.0,
+        ge=1,
+        le=1_000_000,
+        description="Data clock only: data seconds per wall second (1440 = a day a minute), for closed-loop "
+        "simulations that must live through days of feedback, cooling-off and drift in minutes.",
     )
     api_key: SecretStr | None = Field(
         None, description="Key of the admin endpoints (header X-API-Key). Unset: admin endpoints are off."
@@ -218,6 +231,104 @@ class MonitorSettings(_Section):
     min_group_size: int = Field(30, ge=1, description="Groups smaller than this are reported but not tested.")
 
 
+class RegistrySettings(_Section):
+    """The model registry: versions of one model under `<root>/<name>/<version>/` and the aliases that pick them."""
+
+    root: Path | None = Field(
+        None, description="Registry folder (local or shared storage). Default: <workspace>/registry."
+    )
+    name: str = Field(
+        "finrec", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Name of the registered model."
+    )
+    gate_metric: str = Field(
+        "ndcg@10",
+        description="Offline metric of the promotion gate (higher is better), compared on the same evaluation "
+        "data for challenger and champion: ndcg@K, map@K, hit_rate@K, recall@K or true_conversion@K.",
+    )
+    max_regression: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Relative drop of the gate metric a challenger may show and still be promoted "
+        "(0.01 = 1% worse is tolerated as noise). Worse than that is refused unless forced.",
+    )
+    poll_seconds: float = Field(
+        2.0, gt=0, le=3600, description="How often a serving process checks the registry's aliases for changes."
+    )
+
+    def path(self, workspace: Path) -> Path:
+        return self.root or workspace / "registry"
+
+
+class RetrainSettings(_Section):
+    """`finrec retrain`: the feedback since the last training, a new model on it, registered as challenger."""
+
+    min_new_events: int = Field(100, ge=1, description="Fewer new events than this: nothing to retrain on yet.")
+    eval_days: float | None = Field(
+        None, gt=0, description="Held-out window of the retrained model (days; default: [train] eval_days). "
+        "Shorter than [train]'s when retraining often on a few days of feedback.",
+    )
+    label_days: float | None = Field(
+        None, gt=0, description="Label window of the retrained model (days; default: [train] label_days).",
+    )
+
+
+class ArmSettings(_Section):
+    """One arm of an experiment: which model serves it and its share of the traffic."""
+
+    model: str = Field(
+        ..., min_length=1, description="Registry alias (`champion`, `challenger`) or version that serves this arm."
+    )
+    weight: float = Field(..., gt=0, description="Relative share of customers (weights need not sum to 100).")
+
+
+class ExperimentSettings(_Section):
+    """An A/B test: customers are split between arms by a salted hash of their id, the same arm every time."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Experiment name.")
+    arms: dict[str, ArmSettings] = Field(..., description="Arm name -> model and weight; at least two arms.")
+    salt: str | None = Field(
+        None, description="Salt of the assignment hash (default: the name). A new salt reshuffles customers."
+    )
+    start: datetime | None = Field(None, description="When assignment starts (service clock; unset: at once).")
+    stop: datetime | None = Field(None, description="When assignment stops (service clock; unset: never).")
+    control: str | None = Field(None, description="The arm the others are compared with (default: the first).")
+    primary_metric: Literal["click", "apply", "approve"] = Field(
+        "click", description="Conversion the experiment is decided on; the other two are reported."
+    )
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="False-positive rate of the analysis (two-sided).")
+    power: float = Field(0.8, gt=0.5, lt=1, description="Power of the fixed-horizon plan.")
+    min_detectable_effect: float = Field(
+        0.1, gt=0, description="Relative lift the fixed-horizon plan is sized to detect (0.1 = 10%)."
+    )
+
+    @field_validator("arms")
+    @classmethod
+    def _two_arms(cls, v: dict[str, ArmSettings]) -> dict[str, ArmSettings]:
+        if len(v) < 2:
+            raise ValueError("an experiment needs at least two arms")
+        bad = [a for a in v if not a or len(a) > 64 or not a.replace("-", "").replace("_", "").isalnum()]
+        if bad:
+            raise ValueError(f"arm names must be letters, digits, - or _ (got {bad})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentSettings:
+        if self.control is not None and self.control not in self.arms:
+            raise ValueError(f"control arm {self.control!r} is not one of the arms {list(self.arms)}")
+        if self.start is not None and self.stop is not None and self.stop <= self.start:
+            raise ValueError("stop must come after start")
+        for attr in ("start", "stop"):
+            value = getattr(self, attr)
+            if value is not None and value.tzinfo is None:
+                setattr(self, attr, value.replace(tzinfo=UTC))  # naive times are UTC, as everywhere in finrec
+        return self
+
+    @property
+    def control_arm(self) -> str:
+        return self.control or next(iter(self.arms))
+
+
 class FinrecSettings(BaseSettings):
     """All finrec settings. See ``finrec config show`` for the resolved values."""
 
@@ -241,6 +352,25 @@ class FinrecSettings(BaseSettings):
     evaluate: EvaluateSettings = Field(default_factory=lambda: EvaluateSettings())
     serve: ServeSettings = Field(default_factory=lambda: ServeSettings())
     monitor: MonitorSettings = Field(default_factory=lambda: MonitorSettings())
+    registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings())
+    retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
+    experiments: list[ExperimentSettings] = Field(
+        default_factory=list,
+        description="A/B tests (TOML `[[experiments]]` tables). At most one may be active at any time.",
+    )
+
+    @model_validator(mode="after")
+    def _experiments_apart(self) -> FinrecSettings:
+        names = [e.name for e in self.experiments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment names must be unique (got {names})")
+        far = datetime.max.replace(tzinfo=UTC)
+        near = datetime.min.replace(tzinfo=UTC)
+        spans = sorted((e.start or near, e.stop or far, e.name) for e in self.experiments)
+        for (_, stop_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+            if start_b < stop_a:
+                raise ValueError(f"experiments {a!r} and {b!r} overlap in time; give them start/stop that do not")
+        return self
 
     @classmethod
     def settings_customise_sources(

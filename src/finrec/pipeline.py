@@ -20,6 +20,7 @@ from finrec.artifacts import MANIFEST, atomic_dir, read_manifest, verify_files, 
 from finrec.config import FinrecSettings
 from finrec.data.dataset import Dataset, load_dataset
 from finrec.errors import ArtifactError, FinrecError
+from finrec.features.split import TemporalSplit
 from finrec.twostage.model import TwoStageModel
 
 MODEL_KIND = "model"
@@ -182,8 +183,11 @@ def recommend(
 
 
 def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings, ground_truth: Path | None = None,
-             progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Offline evaluation to ``output`` (JSON) and an HTML report next to it (same name, .html)."""
+             progress: bool = True, split: TemporalSplit | None = None) -> dict[str, Any]:  # fmt: skip
+    """Offline evaluation to ``output`` (JSON) and an HTML report next to it (same name, .html).
+
+    ``split`` fixes the held-out window (default: the model's own); see :func:`evaluate_model`.
+    """
     from finrec.evaluation.html import write_html_report
     from finrec.evaluation.offline import evaluate_model
 
@@ -191,7 +195,8 @@ def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings
     ds = _load(data, settings)
     if ground_truth is None and (data / "ground_truth" / "world.json").is_file():
         ground_truth = data / "ground_truth"
-    report, figures = evaluate_model(ds, model, settings, ground_truth=ground_truth, progress=progress)
+    report, figures = evaluate_model(ds, model, settings, ground_truth=ground_truth, progress=progress,
+                                     split=split)
     report["model"]["version"] = manifest["metrics"].get("model_version")
     report["model"]["training"] = _training_summary(manifest["metrics"].get("training", {}))
     report["model"]["fallbacks"] = manifest["metrics"].get("fallbacks", [])

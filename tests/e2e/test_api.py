@@ -180,7 +180,8 @@ def metric_samples(client: RecordingClient) -> list[tuple[str, dict[str, str], f
 def test_recommendation_lists_ranked_products_with_reasons_and_guardrail_counts(client: RecordingClient) -> None:
     ready = client.get("/ready").json()
     body = recommend(client, "1", k=10)
-    assert set(body) == {"request_id", "user_id", "model_version", "arm", "k", "items", "excluded", "candidates"}
+    assert set(body) == {"request_id", "user_id", "model_version", "experiment", "arm", "served_at", "k", "items",
+                         "excluded", "candidates"}
     assert body["user_id"] == "1" and body["k"] == 10 and body["arm"] is None
     assert body["model_version"] == ready["model_version"]
     assert len(body["request_id"]) >= 8

@@ -333,3 +333,20 @@ def test_the_data_clock_is_shared_by_workers_and_restarts(tmp_path: Path) -> Non
     assert 1_700_000_000 <= first() < 1_700_000_000 + 60
     fresh = make_clock("data", 1_800_000_000, state)  # new data: its clock starts at its own end
     assert 1_800_000_000 <= fresh() < 1_800_000_000 + 5
+
+
+def test_a_faster_data_clock_compresses_time_and_never_goes_back(tmp_path: Path) -> None:
+    import time
+
+    from finrec.serving.service import make_clock
+
+    state = tmp_path / "clock.json"
+    slow = make_clock("data", 1_700_000_000, state)
+    time.sleep(0.2)
+    fast = make_clock("data", 1_700_000_000, state, speed=3600)  # restarted at an hour per second
+    t0 = fast()
+    assert t0 >= slow() - 0.05  # re-anchored where the slow clock had got to, not back at the data's end
+    time.sleep(0.5)
+    assert 1_000 < fast() - t0 < 3_600  # about half an hour of data time in half a second
+    again = make_clock("data", 1_700_000_000, state, speed=3600)  # another worker at the same speed agrees
+    assert abs(again() - fast()) < 60

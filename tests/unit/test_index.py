@@ -53,7 +53,8 @@ def test_exact_is_the_same_in_small_blocks(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(index_module, "_BLOCK_VALUES", 1000)  # 3 queries per block
     blocked = ExactIndex(items).search(queries, 7)
     assert np.array_equal(whole[1], blocked[1])
-    assert np.array_equal(whole[0], blocked[0])
+    # Same items; scores may differ in the last bit: BLAS picks kernels by matrix shape (and thread count).
+    np.testing.assert_allclose(whole[0], blocked[0], rtol=0, atol=1e-6)
 
 
 def test_exact_pads_when_k_exceeds_catalogue_or_allowed_items() -> None:

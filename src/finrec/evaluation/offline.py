@@ -75,12 +75,19 @@ def evaluate_model(
     settings: FinrecSettings,
     ground_truth: Path | None = None,
     progress: bool = True,
+    split: TemporalSplit | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the evaluation; returns (report dict, matplotlib figures by title)."""
+    """Run the evaluation; returns (report dict, matplotlib figures by title).
+
+    ``split`` fixes the held-out window (``eval_cutoff`` to ``end``); by default it is the model's own, the
+    window after everything it was trained on. Models compared against each other (a champion and its
+    challenger) must be evaluated on the same window.
+    """
     e, t = settings.evaluate, settings.train
     t0 = time.perf_counter()
-    split = TemporalSplit(**model.config["split"]) if "split" in model.config else TemporalSplit.plan(
-        *ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)  # fmt: skip
+    if split is None:
+        split = TemporalSplit(**model.config["split"]) if "split" in model.config else TemporalSplit.plan(
+            *ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)  # fmt: skip
     builder = FeatureBuilder(ds, settings.protected_attributes)
     rules = rules_for(ds, settings)
     snap = builder.snapshot(split.eval_cutoff)

@@ -36,6 +36,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Protocol
 
+from finrec.errors import FinrecError
 from finrec.events.schema import Event
 from finrec.storage import open_wal_database, parse_store_url
 
@@ -218,6 +219,26 @@ def open_event_store(url: str) -> EventStore:
         return MemoryEventStore()
     assert path is not None
     return SQLiteEventStore(path)
+
+
+def open_existing_event_store(url: str) -> EventStore:
+    """Open an event store to read what is in it: a missing SQLite file is an error, not a new empty store.
+
+    Raises
+    ------
+    FinrecError
+        No store at a ``sqlite:///`` path, or the store cannot be opened (a driver missing, a server down).
+    """
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise FinrecError(f"no event store at {url}", hint="pass the URL the service writes to "
+                          "(serve.event_store), or point FINREC_WORKSPACE at the service's workspace")  # fmt: skip
+    try:
+        return open_event_store(url)
+    except FinrecError:
+        raise
+    except Exception as exc:  # a driver missing, a server down
+        raise FinrecError(f"cannot open the event store {url}: {type(exc).__name__}: {exc}",
+                          hint="check the URL and that the store is reachable") from None  # fmt: skip
 
 
 def _row(event: Event) -> tuple[object, ...]:

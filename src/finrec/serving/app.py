@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from finrec import __version__
 from finrec.config import FinrecSettings, load_settings
 from finrec.errors import ArtifactError, FinrecError
+from finrec.registry import PromotionRefused, UnknownVersionError
 from finrec.serving.logs import request_id_var
 from finrec.serving.recommender import UnknownCustomerError
 from finrec.serving.service import Service
@@ -126,6 +127,14 @@ def _install_handlers(app: FastAPI) -> None:
     async def refused(_: Request, exc: ArtifactError) -> JSONResponse:
         return _problem(422, f"refused: {exc.message}", exc.hint)
 
+    @app.exception_handler(PromotionRefused)
+    async def gate_refused(_: Request, exc: PromotionRefused) -> JSONResponse:
+        return _problem(409, exc.message, exc.hint, gate=exc.gate.to_dict())
+
+    @app.exception_handler(UnknownVersionError)
+    async def unknown_version(_: Request, exc: UnknownVersionError) -> JSONResponse:
+        return _problem(404, exc.message, exc.hint)
+
     @app.exception_handler(FinrecError)
     async def finrec_error(_: Request, exc: FinrecError) -> JSONResponse:
         return _problem(400, exc.message, exc.hint)
@@ -181,7 +190,7 @@ def create_app(settings: FinrecSettings | None = None, *, service: Service | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = service is None
         app.state.service = service or Service.from_settings(settings, model_dir, data_dir)
-        app.state.service.metrics.set_model(app.state.service.recommender.model.version)
+        app.state.service.metrics.set_models(app.state.service.versions().values())
         try:
             yield
         finally:

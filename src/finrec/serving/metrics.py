@@ -8,6 +8,7 @@ sees the whole server whichever worker answers it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -42,13 +43,16 @@ class ServiceMetrics:
                               ["outcome"], registry=reg)  # fmt: skip
         self.reloads = Counter("finrec_model_reloads", "Model reloads by outcome (ok, refused).", ["outcome"],
                                registry=reg)  # fmt: skip
-        self._version: str | None = None
+        self._versions: set[str] = set()
 
-    def set_model(self, version: str) -> None:
-        if self._version is not None:
-            self.model.labels(self._version).set(0)
-        self.model.labels(version).set(1)
-        self._version = version
+    def set_models(self, versions: Iterable[str]) -> None:
+        """Mark the versions now serving (every arm's) with 1 and those no longer serving with 0."""
+        now = set(versions)
+        for gone in self._versions - now:
+            self.model.labels(gone).set(0)
+        for v in now:
+            self.model.labels(v).set(1)
+        self._versions = now
 
     def answer(self, n_items: int, k: int, excluded: dict[str, int], violations: int) -> None:
         self.answers.labels("full" if n_items >= k else "short" if n_items else "empty").inc()

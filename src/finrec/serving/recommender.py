@@ -12,16 +12,22 @@ feedback events. Every answer goes through the same steps:
 4. reasons: what drove each item's score plus the rules it passed;
 5. the answer is appended to the audit log, keyed by a pseudonym of the customer.
 
-The model is held in one attribute and replaced in one assignment
-(:meth:`swap`), so a request started on the old model finishes on it and no
-request ever sees a half-loaded one.
+Which model answers is decided per request: outside experiments the default
+model (the registry's ``champion``), inside one the model of the customer's arm
+(:mod:`finrec.experiments.assignment`, a salted hash of the customer id). The
+models are held in one mapping, model reference -> model, replaced in one
+assignment (:meth:`swap`), so a request started on an old model finishes on it
+and no request ever sees a half-loaded one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from finrec.errors import FinrecError
-from finrec.events.schema import parse_events
+from finrec.events.schema import Event, parse_events
 from finrec.events.store import EventStore
+from finrec.experiments.assignment import Assigner, Assignment
 from finrec.serving.audit import AuditLog
 from finrec.serving.guardrails import DAY, GUARDRAILS, GuardrailResult, LiveState, apply_guardrails
 from finrec.serving.reasons import ReasonMapper, describe, rule_reasons
@@ -39,6 +46,8 @@ from finrec.serving.scoring import CustomerInputs, Ranked, ServingModel
 log = logging.getLogger("finrec.serving")
 
 MAX_K = 50
+#: Answers remembered per process so that events naming their request_id get the answer's arm and model version.
+RECENT_ANSWERS = 200_000
 
 
 class UnknownCustomerError(FinrecError):
@@ -69,6 +78,11 @@ class Recommender:
         Where every answer is recorded (None: not recorded, for tests and benchmarks only).
     clock
         Current time as Unix seconds (the data's clock when replaying a synthetic world).
+    assigner
+        Experiments and the default model reference (default: no experiment, every answer from ``model``).
+    models
+        Further models by reference (registry alias or version) for the experiments' arms. An arm whose model
+        is missing is answered by the default model, and its answers say so in ``model_version``.
     """
 
     def __init__(
@@ -81,6 +95,8 @@ class Recommender:
         future_tolerance_seconds: int = 300,
         max_reasons: int = 3,
         max_events: int = 1000,
+        assigner: Assigner | None = None,
+        models: Mapping[str, ServingModel] | None = None,
     ) -> None:
         self.live = live
         self.events = events
@@ -89,19 +105,47 @@ class Recommender:
         self.future_tolerance_seconds = future_tolerance_seconds
         self.max_reasons = max_reasons
         self.max_events = max_events
-        self._active: tuple[ServingModel, ReasonMapper] = (model, ReasonMapper(model.names))
+        self.assigner = assigner or Assigner([])
+        default = self.assigner.default_model
+        slots = {default: (model, ReasonMapper(model.names))}
+        for ref, m in (models or {}).items():
+            if ref != default:
+                slots[ref] = (m, ReasonMapper(m.names))
+        self._slots: dict[str, tuple[ServingModel, ReasonMapper]] = slots
+        self._recent: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     # -- model lifecycle ------------------------------------------------------------------------------
     @property
     def model(self) -> ServingModel:
-        return self._active[0]
+        """The default model (the champion): what answers outside experiments."""
+        return self._slots[self.assigner.default_model][0]
 
-    def swap(self, model: ServingModel) -> str:
-        """Serve ``model`` from the next request on; returns the version it replaced."""
-        old = self._active[0].version
-        self._active = (model, ReasonMapper(model.names))  # one assignment: requests see old or new, never a mix
-        log.info("model swapped", extra={"old_version": old, "new_version": model.version})
-        return old
+    def models(self) -> dict[str, ServingModel]:
+        """Every loaded model by reference."""
+        return {ref: m for ref, (m, _) in self._slots.items()}
+
+    def swap(self, model: ServingModel, ref: str | None = None) -> str | None:
+        """Serve ``model`` for ``ref`` (default: the default model) from the next request on.
+
+        Returns the version it replaced (None if ``ref`` had no model).
+        """
+        ref = ref or self.assigner.default_model
+        old = self._slots.get(ref)
+        mapper = old[1] if old is not None and old[0].names == model.names else ReasonMapper(model.names)
+        # One assignment of a new mapping: a request sees the old or the new set of models, never a mix.
+        self._slots = {**self._slots, ref: (model, mapper)}
+        old_version = None if old is None else old[0].version
+        log.info("model swapped", extra={"ref": ref, "old_version": old_version, "new_version": model.version})
+        return old_version
+
+    def _route(self, user_id: str | None, now: float) -> tuple[Assignment, ServingModel, ReasonMapper]:
+        slots = self._slots
+        a = self.assigner.assign(user_id, now)
+        chosen = slots.get(a.model)
+        if chosen is None:  # the arm's model is not loaded (e.g. no challenger registered yet)
+            chosen = slots[self.assigner.default_model]
+        return a, chosen[0], chosen[1]
 
     # -- recommendations ------------------------------------------------------------------------------
     def recommend(self, user_id: str, k: int = 10, request_id: str | None = None) -> Answer:
@@ -112,13 +156,13 @@ class Recommender:
         UnknownCustomerError
             The customer is not in the service's data.
         """
-        model, mapper = self._active
+        now = self.clock()
+        assignment, model, mapper = self._route(user_id, now)
         row = model.data.user_row(user_id)
         if row < 0:
             raise UnknownCustomerError(f"customer {user_id!r} is not known to this service",
                                        hint="check the id, or send the profile to POST /recommend")  # fmt: skip
         consent = float(model.data.consent[row]) if model.data.consent is not None else float("nan")
-        now = self.clock()
         # One read of the online store per request: what the guardrails' windows need and what happened since
         # the data's cutoff (only the latter changes features: earlier events are in the snapshot already).
         cutoff = model.data.cutoff
@@ -127,20 +171,26 @@ class Recommender:
                                  activity, model.data.product_row, model.data.rule_presence)  # fmt: skip
         since_cutoff = [a for a in activity if a.ts >= cutoff]
         return self._answer(model, mapper, model.customer(row, since_cutoff, now), guard, k, request_id, user_id,
-                            "customer")  # fmt: skip
+                            "customer", assignment, now)  # fmt: skip
 
     def recommend_prospect(self, profile: Mapping[str, Any], k: int = 10, request_id: str | None = None) -> Answer:
-        """The top ``k`` products for someone who is not a customer yet, from their stated profile."""
-        model, mapper = self._active
+        """The top ``k`` products for someone who is not a customer yet, from their stated profile.
+
+        Prospects have no id to assign an arm by, so the default model answers them.
+        """
+        now = self.clock()
+        assignment, model, mapper = self._route(None, now)
         rules = model.data.rules.with_users(model.data.prospect_users(profile))
         consent = profile.get("marketing_consent")
         consent_f = float("nan") if consent is None else float(consent)
-        guard = apply_guardrails(rules, 0, self.clock(), consent_f, np.empty(0, np.int64), self.live, None,
+        guard = apply_guardrails(rules, 0, now, consent_f, np.empty(0, np.int64), self.live, None,
                                  presence=model.data.rule_presence)  # fmt: skip
-        return self._answer(model, mapper, model.prospect(dict(profile)), guard, k, request_id, None, "prospect")
+        return self._answer(model, mapper, model.prospect(dict(profile)), guard, k, request_id, None, "prospect",
+                            assignment, now)  # fmt: skip
 
     def _answer(self, model: ServingModel, mapper: ReasonMapper, who: CustomerInputs, guard: GuardrailResult,
-                k: int, request_id: str | None, user_id: str | None, kind: str) -> Answer:  # fmt: skip
+                k: int, request_id: str | None, user_id: str | None, kind: str, assignment: Assignment,
+                now: float) -> Answer:  # fmt: skip
         if not 1 <= k <= MAX_K:
             raise FinrecError(f"k={k} is out of range", hint=f"ask for 1 to {MAX_K} products")
         request_id = request_id or uuid.uuid4().hex
@@ -162,17 +212,20 @@ class Recommender:
             "request_id": request_id,
             "user_id": user_id,
             "model_version": model.version,
-            "arm": None,
+            "experiment": assignment.experiment,
+            "arm": assignment.arm,
+            "served_at": round(now, 3),
             "k": k,
             "items": items,
             "excluded": {g: guard.excluded[g] for g in GUARDRAILS if g in guard.excluded},
             "candidates": ranked.n_candidates,
         }
         if self.audit is not None:
-            self.audit.append({**{key: body[key] for key in ("request_id", "model_version", "arm", "k", "excluded")},
+            self.audit.append({**{key: body[key] for key in _AUDITED},
                                "kind": kind, "items": [{key: it[key] for key in ("product_id", "rank", "score")}
                                                        | {"reasons": [r["code"] for r in it["reasons"]]}
                                                        for it in items]}, user_id)  # fmt: skip
+        self._remember(request_id, assignment.arm, model.version)
         t3 = time.perf_counter()
         timings = {**ranked.timings, "guard_check": t1 - t0 - sum(ranked.timings.values()), "reasons": t2 - t1,
                    "audit": t3 - t2}  # fmt: skip
@@ -210,11 +263,13 @@ class Recommender:
         rejected item, its index and what is wrong. Raises ``ValueError`` for a batch that is not a
         list or is too large (the HTTP layer answers 413/422).
         """
-        model = self._active[0]
-        batch = parse_events(items, model.data.product_row.__contains__, int(self.clock()),
+        model = self.model
+        now = self.clock()
+        batch = parse_events(items, model.data.product_row.__contains__, int(now),
                              self.future_tolerance_seconds, max_batch=max_batch or self.max_events)  # fmt: skip
-        stored = self.events.append(batch.accepted) if batch.accepted else []
-        new = [e for e, is_new in zip(batch.accepted, stored, strict=True) if is_new]
+        accepted = [self._attribute(e, now) for e in batch.accepted]
+        stored = self.events.append(accepted) if accepted else []
+        new = [e for e, is_new in zip(accepted, stored, strict=True) if is_new]
         if new:
             # Stored first, then applied: the event store is the record. A re-delivery is a duplicate and is
             # never applied twice; an in-process online store is rebuilt from the event store at start-up.
@@ -225,6 +280,34 @@ class Recommender:
             "duplicates": len(batch.accepted) - len(new) + len(batch.duplicates),
             "rejected": [{"index": r.index, "event_id": r.event_id, "errors": r.errors} for r in batch.rejected],
         }
+
+
+    def _remember(self, request_id: str, arm: str | None, version: str) -> None:
+        with self._recent_lock:
+            self._recent[request_id] = (arm, version)
+            if len(self._recent) > RECENT_ANSWERS:
+                self._recent.popitem(last=False)
+
+    def _attribute(self, event: Event, now: float) -> Event:
+        """The event with the arm and model version of the answer it follows, where the client left them out.
+
+        The answer is found by ``request_id`` among this process's recent answers; failing that (another
+        worker answered, or it is older), by the customer's assignment now, which names the same arm
+        (assignment is a hash) and the model serving that arm now.
+        """
+        if event.arm is not None and event.model_version is not None:
+            return event
+        known = None
+        if event.request_id is not None:
+            with self._recent_lock:
+                known = self._recent.get(event.request_id)
+        if known is None:
+            a, model, _ = self._route(event.user_id, now)
+            known = (a.arm, model.version)
+        return dataclasses.replace(event, arm=event.arm or known[0], model_version=event.model_version or known[1])
+
+
+_AUDITED = ("request_id", "model_version", "experiment", "arm", "served_at", "k", "excluded")
 
 
 def _nothing(model: ServingModel) -> Ranked:

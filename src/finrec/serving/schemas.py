@@ -29,8 +29,10 @@ class Item(BaseModel):
 class RecommendationResponse(BaseModel):
     request_id: str = Field(description="Id of this answer; send it back with the events it leads to.")
     user_id: str | None = Field(description="The customer (null for a prospect).")
-    model_version: str
+    model_version: str = Field(description="Version of the model that answered (a registry version).")
+    experiment: str | None = Field(description="Experiment the customer is in (null: none running).")
     arm: str | None = Field(description="Experiment arm that served the answer (null: no experiment running).")
+    served_at: float = Field(description="When the answer was made, Unix seconds on the service's clock.")
     k: int
     items: list[Item] = Field(description="Best first; fewer than k when fewer products pass the guardrails.")
     excluded: dict[str, int] = Field(
@@ -80,6 +82,23 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: str | None = Field(None, description="Bundle to load (default: reload the current folder).")
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field("challenger", min_length=1, max_length=128,
+                         description="Version or alias to make champion.")  # fmt: skip
+    force: bool = Field(False, description="Promote even if the gate finds it worse than the champion.")
+    reason: str = Field("", max_length=500, description="Why (kept in the registry's history).")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str | None = Field(None, min_length=1, max_length=128,
+                           description="Version to go back to (default: the previous champion).")  # fmt: skip
+    reason: str = Field("", max_length=500, description="Why (kept in the registry's history).")
 
 
 class Problem(BaseModel):

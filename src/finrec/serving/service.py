@@ -1,14 +1,21 @@
-"""Assembling a running service from settings: data, model, guardrail state, event store, audit log.
+"""Assembling a running service from settings: data, models, guardrail state, event store, audit log.
 
 :class:`Service` owns what lives as long as the process (the recommender, its
-stores, the metrics) and performs hot reloads: the new bundle is loaded,
-checked and warmed up beside the serving one, then swapped in with one
-assignment. A bundle that fails any step is refused with the reason and the
-old model keeps serving.
+stores, the metrics) and performs hot reloads: a new bundle is loaded, checked
+and warmed up beside the serving one, then swapped in with one assignment. A
+bundle that fails any step is refused with the reason and the old model keeps
+serving.
+
+Models come from a fixed bundle (``--model-dir``) or from the model registry:
+then the service serves the ``champion`` outside experiments and each arm's
+model inside them, and follows alias changes (:mod:`finrec.serving.deployment`).
+The last few models loaded stay in memory, so a rollback to one of them is a
+pointer swap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,9 +31,11 @@ from finrec.config import FinrecSettings
 from finrec.data.dataset import load_dataset
 from finrec.errors import ArtifactError, FinrecError
 from finrec.events.store import EventStore, open_event_store
+from finrec.experiments.assignment import DEFAULT_MODEL, Assigner
 from finrec.features.online import open_online_store
 from finrec.pipeline import load_model
 from finrec.serving.audit import AuditLog, load_or_create_key
+from finrec.serving.deployment import BundleSource, ModelSource, RegistrySource, RegistryWatcher
 from finrec.serving.guardrails import GuardrailPolicy, LiveState
 from finrec.serving.metrics import ServiceMetrics
 from finrec.serving.recommender import Recommender
@@ -35,6 +44,8 @@ from finrec.serving.state import ServingData
 
 log = logging.getLogger("finrec.serving")
 _WARM_UP_CUSTOMERS = 8
+#: Models kept loaded beyond those serving, so that rolling back to a recent one is instant.
+_KEEP_LOADED = 2
 
 
 def load_serving_model(model_dir: Path, data: ServingData) -> ServingModel:
@@ -55,37 +66,78 @@ def load_serving_model(model_dir: Path, data: ServingData) -> ServingModel:
 
 
 class Service:
-    """One service process: recommender, stores, metrics and the model-swap lock."""
+    """One service process: recommender, stores, metrics, where models come from, and the model-swap lock."""
 
     def __init__(self, settings: FinrecSettings, recommender: Recommender, model_dir: Path,
-                 audit_path: Path | None, audit_key: bytes | None) -> None:  # fmt: skip
+                 audit_path: Path | None, audit_key: bytes | None, source: ModelSource | None = None,
+                 loaded: dict[str, str] | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.recommender = recommender
         self.model_dir = model_dir
         self.audit_path = audit_path
         self.audit_key = audit_key
+        self.source: ModelSource = source or BundleSource(model_dir)
         self.metrics = ServiceMetrics()
-        self.metrics.set_model(recommender.model.version)
+        self.metrics.set_models(self.versions().values())
         self.started = time.time()
         self._reload_lock = threading.Lock()
+        self._loaded: dict[str, str] = dict(loaded or {DEFAULT_MODEL: str(model_dir)})  # ref -> source key
+        self._failed: dict[str, str] = {}  # ref -> source key refused (not retried until the reference moves)
+        self._cache: dict[str, ServingModel] = {}  # source key -> model, recently replaced ones
+        self._watcher: RegistryWatcher | None = None
 
     @classmethod
     def from_settings(cls, settings: FinrecSettings, model_dir: Path | None = None, data_dir: Path | None = None,
-                      audit: bool = True) -> Service:  # fmt: skip
-        """Load everything ``finrec serve`` needs; raises :class:`FinrecError` with a hint when something is wrong."""
+                      audit: bool = True, watch: bool = True) -> Service:  # fmt: skip
+        """Load everything ``finrec serve`` needs; raises :class:`FinrecError` with a hint when something is wrong.
+
+        With a bundle (``model_dir`` or ``serve.model_dir``) the service serves it; without one it serves the
+        registry's ``champion`` (``registry.root``/``registry.name``) and the experiments' arms, following alias
+        changes every ``registry.poll_seconds`` when ``watch``.
+        """
         srv = settings.serve
         model_dir = model_dir or srv.model_dir
-        if model_dir is None:
-            raise FinrecError("no model to serve", hint="pass --model-dir (a bundle written by `finrec train`)")
+        assigner = Assigner(settings.experiments, DEFAULT_MODEL)
+        source: ModelSource
+        if model_dir is not None:
+            source = BundleSource(Path(model_dir))
+            needs = [r for r in assigner.models() if r != DEFAULT_MODEL]
+            if needs:
+                raise FinrecError(f"the experiments need models {needs}, but --model-dir serves a single bundle",
+                                  hint="serve from the registry (leave out --model-dir) or remove the experiments "
+                                  "from the settings")  # fmt: skip
+        else:
+            from finrec.registry import ModelRegistry
+
+            registry = ModelRegistry.from_settings(settings)
+            source = RegistrySource(registry)
+        default = source.resolve(DEFAULT_MODEL)
+        if default is None:
+            raise FinrecError("no model to serve: the registry has no champion",
+                              hint="pass --model-dir (a bundle written by `finrec train`), or register and promote "
+                              "one: `finrec registry register BUNDLE` then `finrec registry promote VERSION`")
         t0 = time.perf_counter()
-        model, manifest = load_model(model_dir)
+        _, manifest = load_model(default[1])
         data_dir = data_dir or srv.data or Path(manifest.get("inputs", {}).get("data", ""))
         if not data_dir or not Path(data_dir).is_dir():
             raise FinrecError(f"the customers' data folder {data_dir} does not exist",
                               hint="pass --data (the dataset with the customers and products to serve)")  # fmt: skip
         ds = load_dataset(Path(data_dir), future_tolerance_seconds=settings.validation.future_tolerance_seconds)
         data = ServingData(ds, settings)
-        served = load_serving_model(model_dir, data)
+        served = load_serving_model(default[1], data)
+        loaded = {DEFAULT_MODEL: default[0]}
+        others: dict[str, ServingModel] = {}
+        by_key = {default[0]: served}
+        for ref in assigner.models():
+            found = source.resolve(ref) if ref != DEFAULT_MODEL else None
+            if found is None:
+                if ref != DEFAULT_MODEL:
+                    log.warning("an experiment arm's model is not in the registry; the champion answers for it",
+                                extra={"ref": ref})  # fmt: skip
+                continue
+            if found[0] not in by_key:
+                by_key[found[0]] = load_serving_model(found[1], data)
+            others[ref], loaded[ref] = by_key[found[0]], found[0]
         policy = GuardrailPolicy(srv.cooling_off_days, srv.frequency_cap, srv.frequency_window_days,
                                  srv.require_marketing_consent)  # fmt: skip
         events = open_event_store(srv.event_store_url(settings.workspace))
@@ -100,17 +152,43 @@ class Service:
             audit_path, key_path = srv.audit_paths(settings.workspace)
             key = load_or_create_key(key_path)
             audit_log = AuditLog(audit_path, key)
-        clock = make_clock(srv.clock, data.cutoff, settings.workspace / "clock.json")
+        clock = make_clock(srv.clock, data.cutoff, settings.workspace / "clock.json", srv.clock_speed)
         recommender = Recommender(served, live, events, audit_log, clock=clock,
                                   future_tolerance_seconds=settings.validation.future_tolerance_seconds,
-                                  max_reasons=srv.max_reasons, max_events=srv.max_events_per_request)  # fmt: skip
+                                  max_reasons=srv.max_reasons, max_events=srv.max_events_per_request,
+                                  assigner=assigner, models=others)  # fmt: skip
         seconds = round(time.perf_counter() - t0, 2)
         log.info("service ready", extra={"model_version": served.version, "customers": data.n_users,
-                                         "products": data.n_products, "seconds": seconds})  # fmt: skip
-        return cls(settings, recommender, Path(model_dir), audit_path, key)
+                                         "products": data.n_products, "seconds": seconds,
+                                         "models": {r: m.version for r, m in recommender.models().items()},
+                                         "source": source.kind})  # fmt: skip
+        service = cls(settings, recommender, Path(default[1]), audit_path, key, source, loaded)
+        if watch and source.kind == "registry":
+            service._watcher = RegistryWatcher(service.refresh, settings.registry.poll_seconds).start()
+        return service
+
+    def versions(self) -> dict[str, str]:
+        """The version serving each model reference."""
+        return {ref: m.version for ref, m in self.recommender.models().items()}
 
     def reload(self, model_dir: Path | None = None) -> dict[str, Any]:
-        """Load ``model_dir`` (default: the current folder again) and swap it in; the old model serves until then."""
+        """Load ``model_dir`` (default: the current folder again) and swap it in; the old model serves until then.
+
+        A service that follows the registry re-reads it instead (``model_dir`` is refused: promote or roll back).
+        """
+        if self.source.kind == "registry":
+            if model_dir is not None:
+                raise FinrecError("this service follows the model registry; it does not load folders by hand",
+                                  hint="register the bundle and promote it (`finrec registry promote`, or POST "
+                                  "/admin/promote); roll back with POST /admin/rollback")  # fmt: skip
+            t0 = time.perf_counter()
+            before = self.recommender.model.version
+            changes = self.refresh(force=True)
+            if any(c["status"] == "refused" for c in changes.values()):
+                raise ArtifactError("; ".join(c["error"] for c in changes.values() if c["status"] == "refused"),
+                                    hint="the models already serving keep serving")  # fmt: skip
+            return {"previous_version": before, "model_version": self.recommender.model.version,
+                    "models": changes, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
         target = Path(model_dir) if model_dir else self.model_dir
         with self._reload_lock:  # one reload at a time; requests never wait on this lock
             t0 = time.perf_counter()
@@ -121,12 +199,105 @@ class Service:
                 raise
             old = self.recommender.swap(served)
             self.model_dir = target
-            self.metrics.set_model(served.version)
+            self.source = BundleSource(target)
+            self._loaded[DEFAULT_MODEL] = str(target)
+            self.metrics.set_models(self.versions().values())
             self.metrics.reloads.labels("ok").inc()
         return {"previous_version": old, "model_version": served.version, "model_dir": str(target),
                 "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
 
+    def refresh(self, force: bool = False) -> dict[str, dict[str, Any]]:
+        """Swap in whatever each model reference names now; returns what happened to each.
+
+        Statuses: ``unchanged``, ``loaded`` (swapped in), ``refused`` (the bundle failed a check; the old model
+        keeps serving and the same version is not retried until the reference moves, unless ``force``),
+        ``missing`` (the reference names nothing now; what served it keeps serving).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        with self._reload_lock:
+            current = self.recommender.models()
+            for ref in self.recommender.assigner.models():
+                found = self.source.resolve(ref)
+                was = current.get(ref)
+                entry: dict[str, Any] = {"version": None if was is None else was.version}
+                out[ref] = entry
+                if found is None:
+                    entry["status"] = "missing"
+                    continue
+                key, folder = found
+                if self._loaded.get(ref) == key and not force:
+                    entry["status"] = "unchanged"
+                    continue
+                if self._failed.get(ref) == key and not force:
+                    entry["status"] = "refused"
+                    entry["error"] = f"{folder} was refused before"
+                    continue
+                t0 = time.perf_counter()
+                model = self._find_loaded(key)
+                if model is None or force:
+                    try:
+                        model = load_serving_model(folder, self.recommender.model.data)
+                    except FinrecError as exc:
+                        self._failed[ref] = key
+                        self.metrics.reloads.labels("refused").inc()
+                        log.error("model refused; the old one keeps serving",
+                                  extra={"ref": ref, "folder": str(folder), "error": exc.message})  # fmt: skip
+                        entry.update(status="refused", error=exc.message)
+                        continue
+                if was is not None:
+                    self._cache[self._loaded.get(ref, "")] = was
+                self.recommender.swap(model, ref)
+                self._loaded[ref] = key
+                self._failed.pop(ref, None)
+                self.metrics.reloads.labels("ok").inc()
+                entry.update(status="loaded", previous=entry["version"], version=model.version,
+                             seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+            self._trim_cache()
+            self.metrics.set_models(self.versions().values())
+        return out
+
+    # -- registry operations (admin endpoints) ---------------------------------------------------------
+    def _registry(self) -> Any:
+        if not isinstance(self.source, RegistrySource):
+            raise FinrecError("this service serves a fixed bundle (--model-dir), not the registry",
+                              hint="restart it without --model-dir to serve the registry's champion, or use "
+                              "POST /admin/reload to load another bundle")  # fmt: skip
+        return self.source.registry
+
+    def promote(self, ref: str = "challenger", force: bool = False, reason: str = "", by: str = "") -> dict[str, Any]:
+        """Promote ``ref`` to champion through the gate (refused: raises), then serve it at once."""
+        result = self._registry().promote(ref, force=force, reason=reason, by=by)
+        t0 = time.perf_counter()
+        changes = self.refresh()
+        return {"model_version": result.version, "previous_version": result.previous, "forced": result.forced,
+                "gate": None if result.gate is None else dataclasses.asdict(result.gate), "models": changes,
+                "seconds_to_serve": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+    def rollback(self, to: str | None = None, reason: str = "", by: str = "") -> dict[str, Any]:
+        """Point the champion back at the previous one (or ``to``), then serve it at once."""
+        record = self._registry().rollback(to=to, reason=reason, by=by)
+        t0 = time.perf_counter()
+        changes = self.refresh()
+        return {"model_version": record.get("version"), "previous_version": record.get("previous"),
+                "models": changes, "seconds_to_serve": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+    def _find_loaded(self, key: str) -> ServingModel | None:
+        current = self.recommender.models()
+        for ref, k in self._loaded.items():
+            if k == key and ref in current:
+                return current[ref]
+        return self._cache.get(key)
+
+    def _trim_cache(self) -> None:
+        serving = set(self._loaded.values())
+        for key in [k for k in self._cache if k in serving]:
+            del self._cache[key]
+        while len(self._cache) > _KEEP_LOADED:
+            del self._cache[next(iter(self._cache))]  # oldest first (dicts keep insertion order)
+
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         if self.recommender.audit is not None:
             self.recommender.audit.close()
         self.recommender.events.close()
@@ -144,42 +315,61 @@ def replay(events: EventStore, live: LiveState, batch: int = 10_000) -> int:
         seq, n = chunk[-1][0], n + len(chunk)
 
 
-def make_clock(kind: str, data_cutoff: int, state: Path | None = None) -> Callable[[], float]:
+def make_clock(kind: str, data_cutoff: int, state: Path | None = None, speed: float = 1.0) -> Callable[[], float]:
     """``wall``: the machine's time. ``data``: the data's end plus the time since the service first started on it.
 
-    The data clock is the wall clock minus a fixed offset, stored in ``state`` (``<workspace>/clock.json``) the
-    first time a service starts on this data, so that every worker and every restart agree on the time:
-    events stamped before a restart are not in the future after it.
+    The data clock runs from an anchor, ``data time = anchor_data + (wall - anchor_wall) * speed``, stored in
+    ``state`` (``<workspace>/clock.json``) the first time a service starts on this data, so that every worker and
+    every restart agree on the time: events stamped before a restart are not in the future after it. ``speed``
+    above 1 compresses time (a simulation then lives through days of cooling-off, frequency caps and drift in
+    minutes); a restart with another speed re-anchors at the current data time, so time never jumps back.
     """
     if kind == "wall":
         return time.time
-    offset = time.time() - data_cutoff
+    now = time.time()
+    anchor = {"data_cutoff": data_cutoff, "anchor_wall": now, "anchor_data": float(data_cutoff), "speed": speed}
     if state is not None:
-        offset = _shared_offset(state, data_cutoff, offset)
-    return lambda: time.time() - offset
+        anchor = _shared_anchor(state, anchor)
+    wall0, data0, rate = float(anchor["anchor_wall"]), float(anchor["anchor_data"]), float(anchor["speed"])
+    return lambda: data0 + (time.time() - wall0) * rate
 
 
-def _shared_offset(state: Path, data_cutoff: int, proposed: float) -> float:
+def _read_anchor(state: Path, data_cutoff: int) -> dict[str, float] | None:
     try:
         saved = json.loads(state.read_text())
-        if int(saved["data_cutoff"]) == data_cutoff:
-            return float(saved["offset"])
+        if int(saved["data_cutoff"]) != data_cutoff:
+            return None
+        if "offset" in saved:  # written before clocks had a speed: data time = wall - offset
+            return {"data_cutoff": data_cutoff, "anchor_wall": float(saved["offset"]) + data_cutoff,
+                    "anchor_data": float(data_cutoff), "speed": 1.0}  # fmt: skip
+        return {k: float(saved[k]) for k in ("data_cutoff", "anchor_wall", "anchor_data", "speed")}
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        return None
+
+
+def _shared_anchor(state: Path, proposed: dict[str, float]) -> dict[str, float]:
+    cutoff = int(proposed["data_cutoff"])
+    saved = _read_anchor(state, cutoff)
+    if saved is not None and saved["speed"] == proposed["speed"]:
+        return saved
+    if saved is not None:  # another speed: continue from the data time reached so far
+        now = time.time()
+        proposed = {**proposed, "anchor_wall": now,
+                    "anchor_data": saved["anchor_data"] + (now - saved["anchor_wall"]) * saved["speed"]}  # fmt: skip
     state.parent.mkdir(parents=True, exist_ok=True)
     tmp = state.with_name(f".{state.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"data_cutoff": data_cutoff, "offset": proposed}))
+    tmp.write_text(json.dumps(proposed))
     try:
-        os.link(tmp, state)  # the first worker to get here sets the clock; the others read it
-    except FileExistsError:
+        if saved is not None:
+            os.replace(tmp, state)
+            return proposed
         try:
-            saved = json.loads(state.read_text())
-            if int(saved["data_cutoff"]) == data_cutoff:
-                return float(saved["offset"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        os.replace(tmp, state)  # a clock of other data: this data's clock starts now
+            os.link(tmp, state)  # the first worker to get here sets the clock; the others read it
+        except FileExistsError:
+            again = _read_anchor(state, cutoff)
+            if again is not None and again["speed"] == proposed["speed"]:
+                return again
+            os.replace(tmp, state)  # a clock of other data: this data's clock starts now
         return proposed
     finally:
         tmp.unlink(missing_ok=True)
-    return proposed

@@ -119,7 +119,7 @@ def train_two_stage(
     rank_history = builder.history(split.rank_cutoff, t.history_length)
     retriever: TwoTowerModel | None = None
     n_pairs = sum(len(p) for p in pair_parts)
-    if n_pairs >= MIN_RETRIEVAL_PAIRS and len(val_users):
+    if t.model == "two_stage" and n_pairs >= MIN_RETRIEVAL_PAIRS and len(val_users):
         ux = np.vstack([*ux_parts, space.user_dense(rank_snap)[val_users]])
         hist = np.vstack([*hist_parts, rank_history[val_users]])
         pairs = np.vstack(pair_parts).astype(np.int64)
@@ -141,6 +141,9 @@ def train_two_stage(
             "best_epoch": int(retriever.best_epoch_),
             f"val_recall@{cfg.recall_k}": float(max(h["val_recall"] for h in retriever.history_)),
         }
+    elif t.model == "popularity":
+        report.fallbacks.append("retrieval: [train] model = popularity; candidates come from popularity among "
+                                "allowed products")  # fmt: skip
     else:
         report.fallbacks.append(
             f"retrieval: only {n_pairs} positive pairs in the retrieval windows (need {MIN_RETRIEVAL_PAIRS}); "
@@ -189,7 +192,7 @@ def train_two_stage(
     if len(q_users) > t.max_ranker_queries:
         q_users = np.sort(rng.choice(q_users, t.max_ranker_queries, replace=False))
     ranker = None
-    if len(q_users) >= MIN_RANKER_QUERIES:
+    if t.model == "two_stage" and len(q_users) >= MIN_RANKER_QUERIES:
         allowed = allowed_mask(rules, rank_snap, q_users, ds.n_products)
         if t.ranker_rows == "shown":
             X, y, qid, pos, names = _ranker_rows(
@@ -211,7 +214,9 @@ def train_two_stage(
                 "validation_ndcg@10": ranker.validation_ndcg_, "trees": ranker.best_iteration_,
                 "top_features": dict(list(ranker.feature_importance().items())[:10]),
             }  # fmt: skip
-    if ranker is None:
+    if ranker is None and t.model == "popularity":
+        report.fallbacks.append("ranker: [train] model = popularity; products are ordered by popularity")
+    elif ranker is None:
         report.fallbacks.append(f"ranker: fewer than {MIN_RANKER_QUERIES} customers with graded events in the ranker "
                                 "window; products are ordered by retrieval score")  # fmt: skip
     model.ranker = ranker

@@ -17,13 +17,17 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    """200 with the model's version and stages once a model is loaded; 503 before."""
+    """200 once the models are loaded: the default model's version and stages, every arm's version, the running
+    experiment and the service clock; 503 before."""
     service = request.app.state.service
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
-    model = service.recommender.model
-    return JSONResponse({"status": "ready", **model.describe(), "clock": service.settings.serve.clock,
-                         "service_time": service.recommender.clock()})  # fmt: skip
+    rec = service.recommender
+    now = rec.clock()
+    active = rec.assigner.active(now)
+    return JSONResponse({"status": "ready", **rec.model.describe(), "clock": service.settings.serve.clock,
+                         "service_time": now, "source": service.source.kind, "models": service.versions(),
+                         "experiment": None if active is None else active.name})  # fmt: skip
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from finrec.config import FinrecSettings, load_settings, resolve_config_file
+from finrec.cli._common import err, out
+from finrec.cli._common import is_store_error as _is_store_error
+from finrec.cli._common import open_events_for_reading as _open_events_for_reading
+from finrec.cli._common import settings_of as _settings
+from finrec.config import load_settings, resolve_config_file
 from finrec.errors import DataValidationError, FinrecError
 
 app = typer.Typer(
@@ -36,13 +40,15 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the resolved settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-out = Console()
-err = Console(stderr=True)
+from finrec.cli.experiment import experiment_app  # noqa: E402
+from finrec.cli.registry import registry_app  # noqa: E402
+from finrec.cli.retrain import retrain  # noqa: E402
+from finrec.cli.simulate import simulate  # noqa: E402
 
-
-def _settings(ctx: typer.Context) -> FinrecSettings:
-    settings: FinrecSettings = ctx.obj["settings"]
-    return settings
+app.add_typer(registry_app, name="registry")
+app.add_typer(experiment_app, name="experiment")
+app.command()(retrain)
+app.command()(simulate)
 
 
 @app.callback()
@@ -330,7 +336,9 @@ def _free_port(host: str, port: int) -> None:
 def serve(
     ctx: typer.Context,
     model_dir: Annotated[
-        Path | None, typer.Option("--model-dir", "-m", help="Model bundle to serve (written by `finrec train`).")
+        Path | None, typer.Option("--model-dir", "-m", help="Model bundle to serve (written by `finrec train`). "
+                                  "Default: the model registry's champion (and each experiment arm's model), "
+                                  "followed without a restart when promoted or rolled back.")
     ] = None,
     data: Annotated[
         Path | None,
@@ -346,6 +354,11 @@ def serve(
         str | None,
         typer.Option(help="`wall` (default): the machine's clock. `data`: time continues from the end of the data, "
                      "for replaying a synthetic world (cooling-off and frequency caps then see its events)."),
+    ] = None,
+    clock_speed: Annotated[
+        float | None,
+        typer.Option(help="With --clock data: data seconds per wall second (1440 = a day a minute), for closed-loop "
+                     "simulations. Default: 1."),
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request as a JSON line (route, status, ms).")] = False,
 ) -> None:
@@ -363,15 +376,14 @@ def serve(
 
     base = _settings(ctx)
     updates = {k: v for k, v in {"model_dir": model_dir, "data": data, "host": host, "port": port,
-                                 "workers": workers, "clock": clock}.items() if v is not None}  # fmt: skip
+                                 "workers": workers, "clock": clock, "clock_speed": clock_speed}.items()
+               if v is not None}  # fmt: skip
     try:
         serve_settings = type(base.serve).model_validate({**base.serve.model_dump(), **updates})
     except ValueError as exc:
         raise FinrecError(f"invalid option: {exc}", hint="see `finrec serve --help`") from None
     settings = base.model_copy(update={"serve": serve_settings})
     srv = settings.serve
-    if srv.model_dir is None:
-        raise FinrecError("no model to serve", hint="pass --model-dir (a bundle written by `finrec train`)")
     _free_port(srv.host, srv.port)
     configure_json_logging()
     if access_log:
@@ -392,15 +404,23 @@ def serve(
 
     from finrec.pipeline import load_model
 
-    load_model(srv.model_dir)  # a missing or corrupt bundle fails here, clearly, not in every worker
-    os.environ["FINREC_SERVE__MODEL_DIR"] = str(srv.model_dir.resolve())
+    if srv.model_dir is not None:
+        load_model(srv.model_dir)  # a missing or corrupt bundle fails here, clearly, not in every worker
+        os.environ["FINREC_SERVE__MODEL_DIR"] = str(srv.model_dir.resolve())
+    else:  # every worker serves the registry's champion and follows it
+        from finrec.registry import CHAMPION, ModelRegistry
+
+        registry = ModelRegistry.from_settings(settings)
+        load_model(registry.path(registry.require(CHAMPION)))
+        os.environ["FINREC_REGISTRY__ROOT"] = str(settings.registry.path(settings.workspace).resolve())
     if srv.data is not None:
         os.environ["FINREC_SERVE__DATA"] = str(srv.data.resolve())
     os.environ["FINREC_SERVE__CLOCK"] = srv.clock
+    os.environ["FINREC_SERVE__CLOCK_SPEED"] = str(srv.clock_speed)
     os.environ["FINREC_WORKSPACE"] = str(settings.workspace.resolve())
     metrics_dir = tempfile.mkdtemp(prefix="finrec-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    out.print(f"serving {srv.model_dir} with {srv.workers} workers on http://{srv.host}:{srv.port}")
+    out.print(f"serving {srv.model_dir or 'the registry champion'} with {srv.workers} workers on http://{srv.host}:{srv.port}")
     try:
         uvicorn.run("finrec.serving.app:app_from_environment", factory=True, workers=srv.workers,
                     **common)  # type: ignore[arg-type]  # fmt: skip
@@ -549,29 +569,6 @@ def _trained_on(model_dir: Path | None) -> Path | None:
     return Path(data) if data and Path(data).is_dir() else None
 
 
-def _open_events_for_reading(url: str) -> Any:
-    from finrec.events.store import open_event_store
-
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise FinrecError(f"no event store at {url}", hint="pass --event-store with the URL the service writes to "
-                          "(serve.event_store), or point FINREC_WORKSPACE at the service's workspace")  # fmt: skip
-    if url.startswith("memory://"):
-        err.print("[yellow]warning[/]: a memory:// event store is empty in a new process; conversion will be empty")
-    try:
-        return open_event_store(url)
-    except FinrecError:
-        raise
-    except Exception as exc:  # a driver missing, a server down
-        raise FinrecError(f"cannot open the event store {url}: {type(exc).__name__}: {exc}",
-                          hint="check the URL and that the store is reachable") from None  # fmt: skip
-
-
-def _is_store_error(exc: Exception) -> bool:
-    import sqlite3
-
-    return isinstance(exc, sqlite3.Error | ConnectionError | OSError) or type(exc).__module__.startswith("redis")
-
-
 def _print_monitor_summary(report: dict[str, Any]) -> None:
     from finrec.monitoring.conversion import RATES, label
 
@@ -661,7 +658,7 @@ def demo(
     out.print(f"try: curl 'http://{srv.host}:{srv.port}/recommend/1?k=5'   Swagger UI: http://{srv.host}:{srv.port}/docs"
               "   stop: Ctrl-C")  # fmt: skip
     ctx.invoke(serve, ctx=ctx, model_dir=model_dir, data=data, host=None, port=None, workers=None,
-               clock=None, access_log=False)  # fmt: skip
+               clock=None, clock_speed=None, access_log=False)  # fmt: skip
 
 
 def main() -> None:
@@ -670,14 +667,14 @@ def main() -> None:
         app()
     except DataValidationError as exc:
         exc.report.render(out)  # the same report `finrec validate` prints
-        err.print(f"[bold red]error:[/] {exc.message}")
+        err.print(f"[bold red]error:[/] {escape(exc.message)}")
         if exc.hint:
-            err.print(f"[dim]hint:[/] {exc.hint}")
+            err.print(f"[dim]hint:[/] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
     except FinrecError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}")
+        err.print(f"[bold red]error:[/] {escape(exc.message)}")
         if exc.hint:
-            err.print(f"[dim]hint:[/] {exc.hint}")
+            err.print(f"[dim]hint:[/] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")

@@ -1,0 +1,235 @@
+"""``finrec retrain``: the feedback since the last training, a new model on it, registered as the challenger.
+
+1. **What the champion knows.** Its registry entry names the dataset it was trained on; everything in the
+   service's event store after that dataset's last event is new feedback.
+2. **A new dataset version.** The base dataset's users and products (hard links when the filesystem allows,
+   else copies) and its events plus the new ones, in one ``events.parquet`` written by DuckDB without loading
+   the table into Python, into ``<workspace>/datasets/<time>/`` with a manifest (base, fingerprint, counts).
+   New events for customers or products the dataset does not hold are left out and counted; event ids already
+   in the base are left out (a re-delivery).
+3. **Train** the two-stage model on it (the ``[retrain]`` windows, when set, replace ``[train]``'s: a model
+   that must learn from a few days of feedback needs label windows of days, not months).
+4. **Register** the bundle as the ``challenger``, then **evaluate** it and the champion on the challenger's
+   held-out window (:mod:`finrec.lifecycle.compare`) and run the **gate**; ``promote`` then promotes it when
+   the gate passes.
+
+``if_drift`` makes the job conditional: it runs only when a drift alert was stored after the champion was
+registered (``finrec monitor`` stores them), which is how a drift alert triggers retraining from cron or a
+scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from finrec.artifacts import atomic_dir, write_manifest
+from finrec.config import FinrecSettings
+from finrec.data.contract import EVENTS
+from finrec.data.dataset import load_dataset
+from finrec.data.io import column_types, find_tables, open_dataset, quote_ident
+from finrec.errors import FinrecError
+from finrec.events.schema import Event
+from finrec.events.store import open_existing_event_store
+from finrec.registry import CHALLENGER, CHAMPION, GateResult, ModelRegistry, PromotionRefused, check_gate
+
+log = logging.getLogger("finrec.lifecycle")
+DATASET_KIND = "dataset"
+
+
+@dataclass
+class RetrainResult:
+    """What a retraining run did (``ran`` is false when there was nothing to do, with the reason)."""
+
+    ran: bool
+    reason: str
+    champion: str | None = None
+    challenger: str | None = None
+    dataset: str | None = None
+    bundle: str | None = None
+    new_events: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)
+    gate: GateResult | None = None
+    promoted: bool = False
+    evaluations: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "gate"}
+        out["gate"] = None if self.gate is None else self.gate.to_dict()
+        return out
+
+
+def drift_alert_since(settings: FinrecSettings, since_iso: str | None) -> dict[str, Any] | None:
+    """The newest stored drift alert after ``since_iso`` (ISO time), if any."""
+    from finrec.monitoring.alerts import alerts_path, read_alerts
+
+    alerts = [a for a in read_alerts(alerts_path(settings.workspace), None) if a.get("kind") == "drift"]
+    fresh = [a for a in alerts if since_iso is None or str(a.get("time", "")) > since_iso]
+    return fresh[-1] if fresh else None
+
+
+def new_events(events: Iterable[Event], after: int, users: set[str], products: set[str]
+               ) -> tuple[list[Event], dict[str, int]]:  # fmt: skip
+    """Events at or after ``after`` (Unix s) of known customers and products; and counts of what was left out."""
+    kept: list[Event] = []
+    left = {"before_the_data_end": 0, "unknown_customer": 0, "unknown_product": 0}
+    for e in events:
+        if e.ts < after:
+            left["before_the_data_end"] += 1
+        elif e.user_id not in users:
+            left["unknown_customer"] += 1
+        elif e.product_id not in products:
+            left["unknown_product"] += 1
+        else:
+            kept.append(e)
+    return kept, {k: v for k, v in left.items() if v}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # immutable inputs: a hard link costs nothing and cannot drift from the original
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def extend_dataset(base: Path, events: list[Event], out: Path, note: dict[str, Any] | None = None) -> Path:
+    """Write ``out``: ``base`` with ``events`` appended (see the module docstring); returns ``out``."""
+    tables = find_tables(base)
+    con = open_dataset(base)
+    try:
+        types = {c: t for c, t in column_types(con, "events").items() if c != "__row"}
+        known = {c.name for c in EVENTS.columns}
+        new = pa.table({
+            "event_id": pa.array([e.event_id for e in events], pa.string()),
+            "user_id": pa.array([e.user_id for e in events], pa.string()),
+            "product_id": pa.array([e.product_id for e in events], pa.string()),
+            "event_type": pa.array([e.event_type for e in events], pa.string()),
+            "timestamp": pa.array([datetime.fromtimestamp(e.ts, UTC) for e in events], pa.timestamp("s", "UTC")),
+            "request_id": pa.array([e.request_id for e in events], pa.string()),
+            "position": pa.array([e.position for e in events], pa.int64()),
+            "channel": pa.array([e.channel for e in events], pa.string()),
+        })  # fmt: skip
+        con.register("new_events", new)
+        cols = list(types) + [c for c in new.column_names if c not in types and c in known]
+        base_sel = ", ".join(quote_ident(c) for c in types)
+        new_sel = ", ".join(
+            (f"CAST({quote_ident(c)} AS {types[c]})" if c in types and c != "timestamp" else quote_ident(c))
+            + f" AS {quote_ident(c)}" for c in cols if c in new.column_names
+        )  # fmt: skip
+        dedupe = ""
+        if "event_id" in types:  # a re-delivered event is already in the base
+            dedupe = " WHERE event_id NOT IN (SELECT CAST(event_id AS VARCHAR) FROM events WHERE event_id IS NOT NULL)"
+        with atomic_dir(out) as tmp:
+            for name in ("users", "products"):
+                _link_or_copy(tables[name], tmp / tables[name].name)
+            target = str(tmp / "events.parquet").replace("'", "''")
+            con.execute(f"COPY (SELECT {base_sel} FROM events UNION ALL BY NAME "
+                        f"SELECT {new_sel} FROM new_events{dedupe}) TO '{target}' (FORMAT parquet)")  # fmt: skip
+            inputs = {"base": str(Path(base).resolve()), "appended_events": len(events), **(note or {})}
+            write_manifest(tmp, DATASET_KIND, config={}, inputs=inputs)
+    finally:
+        con.close()
+    return out
+
+
+def retrain(settings: FinrecSettings, *, data: Path | None = None, if_drift: bool = False, promote: bool = False,
+            min_events: int | None = None, progress: bool = True) -> RetrainResult:  # fmt: skip
+    """Run the retraining job (see the module docstring); raises :class:`FinrecError` on anything to fix."""
+    from finrec.lifecycle.compare import evaluate_versions
+    from finrec.monitoring.conversion import iter_events
+    from finrec.pipeline import train
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    registry = ModelRegistry.from_settings(settings)
+    champion = registry.resolve(CHAMPION)
+    entry = registry.entry(champion) if champion else None
+    if if_drift:
+        alert = drift_alert_since(settings, entry.get("registered_at") if entry else None)
+        if alert is None:
+            return RetrainResult(False, "no drift alert stored since the champion was registered", champion)
+    base = Path(data) if data else Path(entry["data"].get("data", "")) if entry else None
+    if base is None:
+        raise FinrecError("nothing to retrain from: the registry has no champion and no --data was given",
+                          hint="pass --data (the dataset to extend), or register and promote a model first")
+    if not base.is_dir():
+        raise FinrecError(f"the dataset {base} does not exist",
+                          hint="pass --data with the dataset the champion was trained on (or a newer one)")  # fmt: skip
+    ds = load_dataset(base, future_tolerance_seconds=settings.validation.future_tolerance_seconds)
+    after = int(ds.time_range[1]) + 1
+    store_url = settings.serve.event_store_url(settings.workspace)
+    store = open_existing_event_store(store_url)
+    try:
+        users, products = set(ds.users["user_id"].astype(str)), set(ds.products["product_id"].astype(str))
+        events, left_out = new_events((e for _, e in iter_events(store)), after, users, products)
+    finally:
+        store.close()
+    need = settings.retrain.min_new_events if min_events is None else min_events
+    since = datetime.fromtimestamp(after, UTC).isoformat(timespec="seconds")
+    if len(events) < need:
+        return RetrainResult(False, f"{len(events)} new events since {since} (fewer than {need})", champion,
+                             new_events=len(events), left_out=left_out)  # fmt: skip
+    seconds["collect"] = time.perf_counter() - t0
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    folder = settings.workspace / "datasets" / stamp
+    t1 = time.perf_counter()
+    extend_dataset(base, events, folder, {"event_store": _redacted(store_url), "since": since,
+                                          "left_out": left_out})  # fmt: skip
+    seconds["dataset"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    bundle = settings.workspace / "models" / stamp
+    train(folder, bundle, _retrain_settings(settings), progress=progress)
+    seconds["train"] = time.perf_counter() - t1
+    version = registry.register(bundle, alias=CHALLENGER, by="retrain",
+                                reason=f"{len(events)} new events since {since}")  # fmt: skip
+    t1 = time.perf_counter()
+    refs = [version] + ([champion] if champion else [])
+    evaluated = evaluate_versions(registry, refs, folder, settings, progress=progress)
+    seconds["evaluate"] = time.perf_counter() - t1
+    result = RetrainResult(True, f"{len(events)} new events since {since}", champion, version, str(folder),
+                           str(bundle), len(events), left_out,
+                           evaluations={v: rec for v, (_, rec) in evaluated.items()})  # fmt: skip
+    if champion:
+        r = settings.registry
+        result.gate = check_gate(registry.entry(version), registry.entry(champion), r.gate_metric, r.max_regression)
+    if promote:
+        try:
+            registry.promote(version, by="retrain", reason="retrained; passed the gate")
+            result.promoted = True
+        except PromotionRefused as exc:
+            result.gate = exc.gate
+    seconds["total"] = time.perf_counter() - t0
+    result.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    return result
+
+
+def _retrain_settings(settings: FinrecSettings) -> FinrecSettings:
+    r = settings.retrain
+    changes = {k: v for k, v in (("eval_days", r.eval_days), ("label_days", r.label_days)) if v is not None}
+    if not changes:
+        return settings
+    return settings.model_copy(update={"train": settings.train.model_copy(update=changes)})
+
+
+def _redacted(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return urlunsplit(parts)
+
+
+def result_json(result: RetrainResult) -> str:
+    return json.dumps(result.to_dict(), indent=1, default=str)
