@@ -66,11 +66,12 @@ class Server:
     """``finrec serve`` in a subprocess; output goes to files (a full pipe would block the server).
 
     ``args`` are extra command-line options (``--workers 2``), ``env`` extra variables
-    (``FINREC_SERVE__EVENT_STORE``). ``proc.pid`` is the ``python -m finrec serve`` process itself: with one
+    (``FINREC_SERVE__EVENT_STORE``). Without ``model_dir`` it serves the registry's champion
+    (``FINREC_REGISTRY__ROOT``). ``proc.pid`` is the ``python -m finrec serve`` process itself: with one
     worker uvicorn serves in it, with several it is their supervisor.
     """
 
-    def __init__(self, model_dir: Path, data: Path, workdir: Path, args: Sequence[str] = (),
+    def __init__(self, model_dir: Path | None, data: Path, workdir: Path, args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -79,8 +80,8 @@ class Server:
         self.workspace = workdir / "workspace"  # audit log, event store, clock: never in the repo
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "finrec", "serve", "--model-dir", str(model_dir), "--data", str(data),
-                 "--port", str(self.port), *args],
+                [sys.executable, "-m", "finrec", "serve", *(["--model-dir", str(model_dir)] if model_dir else []),
+                 "--data", str(data), "--port", str(self.port), *args],
                 stdout=out, stderr=err, env=server_env(self.workspace, env), cwd=workdir,
                 start_new_session=True,  # its own process group: workers can be stopped with it
             )  # fmt: skip

@@ -241,9 +241,12 @@ class RegistrySettings(_Section):
         "finrec", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Name of the registered model."
     )
     gate_metric: str = Field(
-        "ndcg@10",
-        description="Offline metric of the promotion gate (higher is better), compared on the same evaluation "
-        "data for challenger and champion: ndcg@K, map@K, hit_rate@K, recall@K or true_conversion@K.",
+        "auto",
+        pattern=r"^(auto|(ndcg|map|hit_rate|recall|true_conversion)@[0-9]+|mrr)$",
+        description="Offline metric of the promotion gate (higher is better), compared on the same evaluation data "
+        "and window for challenger and champion: `auto` (ground-truth true_conversion@K on a synthetic world, "
+        "else ndcg@K), or ndcg@K, map@K, hit_rate@K, recall@K, true_conversion@K, mrr. Logged metrics favour the "
+        "model whose answers produced the logs.",
     )
     max_regression: float = Field(
         0.0,

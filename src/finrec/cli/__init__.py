@@ -91,7 +91,8 @@ def generate(
     slate_size: Annotated[int | None, typer.Option(help="Products shown per session, 1-20. Default: 5.")] = None,
     drift_month: Annotated[
         int | None,
-        typer.Option(help="Inject a rate shock from this month (1-based): demand shifts from deposits to loans."),
+        typer.Option(help="Inject a rate shock from this month (1-based): demand shifts from deposits to loans. "
+                     "Up to --months + 12: a month after the data makes a shock only `finrec simulate` lives through."),
     ] = None,
     drift_strength: Annotated[float, typer.Option(help="Size of the rate shock, in logit units.")] = 1.0,
     missing_rate: Annotated[

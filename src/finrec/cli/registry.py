@@ -17,7 +17,7 @@ from rich.table import Table
 
 from finrec.cli._common import err, out, settings_of
 from finrec.errors import FinrecError
-from finrec.registry import CHALLENGER, CHAMPION, ModelRegistry, PromotionRefused
+from finrec.registry import CHALLENGER, CHAMPION, ModelRegistry, PromotionRefused, resolve_metric
 
 registry_app = typer.Typer(
     help="The model registry: versions with their manifests and evaluations, the aliases `champion` (serves) and "
@@ -38,8 +38,9 @@ def _gate_value(entry: dict[str, Any], metric: str) -> str:
     if not evs:
         return "-"
     newest = max(evs.values(), key=lambda e: str(e.get("evaluated_at") or ""))
-    v = newest.get("metrics", {}).get(metric, {}).get("mean")
-    return "-" if v is None else f"{v:.4f}"
+    name = resolve_metric(metric, newest, newest)
+    v = newest.get("metrics", {}).get(name, {}).get("mean")
+    return "-" if v is None else f"{name} {v:.4f}"
 
 
 @registry_app.command("list")
@@ -51,7 +52,7 @@ def list_versions(ctx: typer.Context) -> None:
         out.print(f"the registry {reg.home} holds no versions yet; add one with `finrec registry register BUNDLE`")
         return
     table = Table(title=f"registry {reg.home}")
-    for col in ("version", "aliases", "model version", "registered", "data", reg.gate_metric + " (newest eval)"):
+    for col in ("version", "aliases", "model version", "registered", "data", "gate metric (newest eval)"):
         table.add_column(col)
     for v in versions:
         e = reg.entry(v)
@@ -106,9 +107,9 @@ def _evaluate(ctx: typer.Context, refs: list[str], data: Path, progress: bool) -
     reg = _registry(ctx)
     done = evaluate_versions(reg, refs, data, settings_of(ctx), progress=progress)
     for version, (key, record) in done.items():
-        value = record["metrics"].get(reg.gate_metric, {}).get("mean")
-        out.print(f"{version}: {reg.gate_metric} = {value if value is None else f'{value:.4f}'} on {escape(key)} "
-                  f"({record.get('evaluated_users')} customers)")  # fmt: skip
+        shown = ", ".join(f"{m} {v['mean']:.4f}" for m, v in sorted(record["metrics"].items())
+                          if m.startswith(("ndcg@", "true_conversion@")) and v.get("mean") is not None)  # fmt: skip
+        out.print(f"{version}: {shown} on {escape(key)} ({record.get('evaluated_users')} customers)")
 
 
 @registry_app.command()

@@ -34,7 +34,8 @@ def shared_split(bundle: Path, ds: Dataset, settings: FinrecSettings) -> Tempora
     manifest = read_manifest(bundle, "model")
     own = manifest.get("config", {}).get("split")
     if own and manifest.get("inputs", {}).get("data_fingerprint") == ds.fingerprint:
-        return TemporalSplit(**{k: tuple(v) if isinstance(v, list) else v for k, v in own.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in own.items()}
+        return TemporalSplit(**fields)
     t = settings.train
     return TemporalSplit.plan(*ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)
 

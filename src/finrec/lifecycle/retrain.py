@@ -1,7 +1,7 @@
 """``finrec retrain``: the feedback since the last training, a new model on it, registered as the challenger.
 
-1. **What the champion knows.** Its registry entry names the dataset it was trained on; everything in the
-   service's event store after that dataset's last event is new feedback.
+1. **What the last training saw.** The newest registered version's entry names the dataset it was trained on
+   (``--data`` overrides); everything in the service's event store after that dataset's last event is new.
 2. **A new dataset version.** The base dataset's users and products (hard links when the filesystem allows,
    else copies) and its events plus the new ones, in one ``events.parquet`` written by DuckDB without loading
    the table into Python, into ``<workspace>/datasets/<time>/`` with a manifest (base, fingerprint, counts).
@@ -13,9 +13,10 @@
    held-out window (:mod:`finrec.lifecycle.compare`) and run the **gate**; ``promote`` then promotes it when
    the gate passes.
 
-``if_drift`` makes the job conditional: it runs only when a drift alert was stored after the champion was
-registered (``finrec monitor`` stores them), which is how a drift alert triggers retraining from cron or a
-scheduler.
+``if_drift`` makes the job conditional on drift: it trains only when a drift alert was stored after the
+champion was registered (``finrec monitor`` stores them) or when the drift check of the champion on the new
+dataset version alerts now (the alert is then stored too). This is how a drift alert triggers retraining from
+cron or a scheduler; without an alert the new dataset version is removed and nothing is trained.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from finrec.artifacts import atomic_dir, write_manifest
 from finrec.config import FinrecSettings
 from finrec.data.contract import EVENTS
 from finrec.data.dataset import load_dataset
-from finrec.data.io import column_types, find_tables, open_dataset, quote_ident
+from finrec.data.io import column_types, find_tables, is_text_type, open_dataset, quote_ident
 from finrec.errors import FinrecError
 from finrec.events.schema import Event
 from finrec.events.store import open_existing_event_store
@@ -62,6 +63,7 @@ class RetrainResult:
     gate: GateResult | None = None
     promoted: bool = False
     evaluations: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +98,7 @@ def new_events(events: Iterable[Event], after: int, users: set[str], products: s
     return kept, {k: v for k, v in left.items() if v}
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
     try:
         os.link(src, dst)  # immutable inputs: a hard link costs nothing and cannot drift from the original
     except OSError:
@@ -122,17 +124,30 @@ def extend_dataset(base: Path, events: list[Event], out: Path, note: dict[str, A
         })  # fmt: skip
         con.register("new_events", new)
         cols = list(types) + [c for c in new.column_names if c not in types and c in known]
-        base_sel = ", ".join(quote_ident(c) for c in types)
-        new_sel = ", ".join(
-            (f"CAST({quote_ident(c)} AS {types[c]})" if c in types and c != "timestamp" else quote_ident(c))
-            + f" AS {quote_ident(c)}" for c in cols if c in new.column_names
-        )  # fmt: skip
+        # Ids go out as text: the service's ids are text (uuids), a bank's may be integers, and the contract reads
+        # either. Other columns keep the base's type; text timestamps (a CSV base) as ISO 8601 in UTC.
+        ids = {"event_id", "user_id", "product_id", "request_id"}
+
+        def out_type(c: str) -> str:
+            return "VARCHAR" if c in ids or c not in types else types[c]
+
+        def new_value(c: str) -> str:
+            col = quote_ident(c)
+            if c == "timestamp" and is_text_type(out_type(c)):
+                return f"strftime({col}, '%Y-%m-%dT%H:%M:%SZ')"
+            return f"CAST({col} AS {out_type(c)})"
+
+        base_sel = ", ".join(f"CAST({quote_ident(c)} AS {out_type(c)}) AS {quote_ident(c)}" for c in types)
+        new_sel = ", ".join(f"{new_value(c)} AS {quote_ident(c)}" for c in cols if c in new.column_names)
         dedupe = ""
         if "event_id" in types:  # a re-delivered event is already in the base
             dedupe = " WHERE event_id NOT IN (SELECT CAST(event_id AS VARCHAR) FROM events WHERE event_id IS NOT NULL)"
         with atomic_dir(out) as tmp:
             for name in ("users", "products"):
                 _link_or_copy(tables[name], tmp / tables[name].name)
+            truth = Path(base) / "ground_truth"
+            if (truth / "world.json").is_file():  # a synthetic world: the same world, so the same truth (oracle)
+                shutil.copytree(truth, tmp / "ground_truth", copy_function=_link_or_copy)
             target = str(tmp / "events.parquet").replace("'", "''")
             con.execute(f"COPY (SELECT {base_sel} FROM events UNION ALL BY NAME "
                         f"SELECT {new_sel} FROM new_events{dedupe}) TO '{target}' (FORMAT parquet)")  # fmt: skip
@@ -155,11 +170,14 @@ def retrain(settings: FinrecSettings, *, data: Path | None = None, if_drift: boo
     registry = ModelRegistry.from_settings(settings)
     champion = registry.resolve(CHAMPION)
     entry = registry.entry(champion) if champion else None
-    if if_drift:
-        alert = drift_alert_since(settings, entry.get("registered_at") if entry else None)
-        if alert is None:
-            return RetrainResult(False, "no drift alert stored since the champion was registered", champion)
-    base = Path(data) if data else Path(entry["data"].get("data", "")) if entry else None
+    if if_drift and champion is None:
+        raise FinrecError("--if-drift needs a champion whose drift to check",
+                          hint="register and promote a model first, or retrain without --if-drift")  # fmt: skip
+    # The last training is the newest registered version's (a refused challenger's too): its dataset already
+    # holds the feedback before it, so the datasets chain and no event is appended twice.
+    versions = registry.versions()
+    last = registry.entry(versions[-1]) if versions else None
+    base = Path(data) if data else Path(last["data"].get("data", "")) if last else None
     if base is None:
         raise FinrecError("nothing to retrain from: the registry has no champion and no --data was given",
                           hint="pass --data (the dataset to extend), or register and promote a model first")
@@ -187,6 +205,23 @@ def retrain(settings: FinrecSettings, *, data: Path | None = None, if_drift: boo
     extend_dataset(base, events, folder, {"event_store": _redacted(store_url), "since": since,
                                           "left_out": left_out})  # fmt: skip
     seconds["dataset"] = time.perf_counter() - t1
+    drift = None
+    if if_drift:
+        assert entry is not None and champion is not None
+        alert = drift_alert_since(settings, entry.get("registered_at"))
+        if alert is None:  # no stored alert: check the champion's inputs on the data with the new events
+            from finrec.monitoring.alerts import AlertLog, alerts_path
+            from finrec.monitoring.drift import check_drift
+
+            t1 = time.perf_counter()
+            drift = check_drift(registry.path(champion), folder, settings)
+            seconds["drift_check"] = time.perf_counter() - t1
+            alert = AlertLog(alerts_path(settings.workspace)).record_drift(drift)
+        if alert is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return RetrainResult(False, f"no drift alert: the champion's inputs on {len(events)} new events are "
+                                 "within the thresholds", champion, new_events=len(events), left_out=left_out,
+                                 drift=None if drift is None else drift.to_dict())  # fmt: skip
     t1 = time.perf_counter()
     bundle = settings.workspace / "models" / stamp
     train(folder, bundle, _retrain_settings(settings), progress=progress)
@@ -199,7 +234,8 @@ def retrain(settings: FinrecSettings, *, data: Path | None = None, if_drift: boo
     seconds["evaluate"] = time.perf_counter() - t1
     result = RetrainResult(True, f"{len(events)} new events since {since}", champion, version, str(folder),
                            str(bundle), len(events), left_out,
-                           evaluations={v: rec for v, (_, rec) in evaluated.items()})  # fmt: skip
+                           evaluations={v: rec for v, (_, rec) in evaluated.items()},
+                           drift=None if drift is None else drift.to_dict())  # fmt: skip
     if champion:
         r = settings.registry
         result.gate = check_gate(registry.entry(version), registry.entry(champion), r.gate_metric, r.max_regression)

@@ -7,9 +7,12 @@ versions on the newest key they share. ``finrec retrain`` evaluates its
 challenger and the champion together on the challenger's held-out window;
 ``finrec registry evaluate`` does the same for any versions.
 
-A challenger passes when its metric is at least ``(1 - max_regression)`` times
-the champion's: ``max_regression = 0`` refuses any drop, 0.01 tolerates a 1%
-drop as noise. The verdict says by how much either way, and the refusal is
+The metric is ``registry.gate_metric``; ``auto`` (the default) takes the ground
+truth's ``true_conversion@K`` when both evaluations have it and ``ndcg@K``
+otherwise (:func:`resolve_metric` says why). A challenger passes when its
+metric is at least ``(1 - max_regression)`` times the champion's:
+``max_regression = 0`` refuses any drop, 0.01 tolerates a 1% drop as noise.
+The verdict says by how much either way, and the refusal is
 recorded in the registry's history.
 
 Examples
@@ -86,10 +89,29 @@ def _value(evaluation: dict[str, Any], metric: str) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
+def resolve_metric(metric: str, a: dict[str, Any], b: dict[str, Any]) -> str:
+    """``auto``: ground-truth ``true_conversion@K`` when both evaluations have it (a synthetic world), else
+    ``ndcg@K``. Logged metrics favour the model whose answers produced the logs (customers can only click what
+    they were shown), so on a champion's own feedback they flatter the champion; the truth does not."""
+    if metric != "auto":
+        return metric
+    both = set(a.get("metrics", {})) & set(b.get("metrics", {}))
+    truth = sorted(m for m in both if m.startswith("true_conversion@"))
+    ndcg = sorted(m for m in both if m.startswith("ndcg@"))
+    return truth[0] if truth else ndcg[0] if ndcg else "ndcg@10"
+
+
 def check_gate(challenger: dict[str, Any], champion: dict[str, Any], metric: str, max_regression: float) -> GateResult:
-    """Compare two registry entries on ``metric`` over the newest evaluation they share."""
+    """Compare two registry entries on ``metric`` (or ``auto``) over the newest evaluation they share."""
     c_name, p_name = challenger["version"], champion["version"]
     c_ev, p_ev = challenger.get("evaluations", {}), champion.get("evaluations", {})
+    if metric == "auto":
+        common = [k for k in c_ev if k in p_ev]
+        if common:
+            newest = max(common, key=lambda k: str(c_ev[k].get("evaluated_at") or ""))
+            metric = resolve_metric(metric, c_ev[newest], p_ev[newest])
+        else:
+            metric = "ndcg@10"
     shared = [k for k in c_ev if k in p_ev and _value(c_ev[k], metric) is not None
               and _value(p_ev[k], metric) is not None]  # fmt: skip
     if not shared:

@@ -90,7 +90,7 @@ class ModelRegistry:
         The promotion gate (see :func:`finrec.registry.gate.check_gate`).
     """
 
-    def __init__(self, root: Path, name: str = "finrec", gate_metric: str = "ndcg@10",
+    def __init__(self, root: Path, name: str = "finrec", gate_metric: str = "auto",
                  max_regression: float = 0.0) -> None:  # fmt: skip
         self.root = Path(root)
         self.name = name

@@ -88,8 +88,10 @@ class WorldConfig:
                     f"the period {start} + {self.months} months ends {end.date()}, in the future; "
                     "events may not be in the future: choose an earlier --start or fewer --months"
                 )
-        if self.drift_month is not None and not 1 <= self.drift_month <= self.months:
-            problems.append(f"--drift-month must be between 1 and --months ({self.months})")
+        # Up to a year after the data ends: the world then knows a shock its data does not show yet, which
+        # a closed-loop simulation (`finrec simulate`) lives through and the ground truth's oracle accounts for.
+        if self.drift_month is not None and not 1 <= self.drift_month <= self.months + 12:
+            problems.append(f"--drift-month must be between 1 and --months + 12 ({self.months + 12})")
         if problems:
             raise FinrecError("cannot generate this world: " + "; ".join(problems), hint="see `finrec generate --help`")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path as FsPath
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from fastapi.concurrency import run_in_threadpool
@@ -39,8 +39,11 @@ def models(service: AdminDep) -> dict:
     return out
 
 
-_PROMOTE_ERRORS = {400: {"model": Problem, "description": "Not a registry-backed service, or an unknown version."},
-                   409: {"model": Problem, "description": "Refused by the promotion gate."}}
+_PROMOTE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "Not a registry-backed service."},
+    404: {"model": Problem, "description": "Unknown version or alias."},
+    409: {"model": Problem, "description": "Refused by the promotion gate (the verdict is in `gate`)."},
+}
 
 
 @router.post("/promote", responses=_PROMOTE_ERRORS)
