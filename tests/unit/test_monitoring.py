@@ -153,6 +153,17 @@ def test_conversion_counts_per_model_and_arm_with_attribution(tmp_path: Path) ->
     assert conv["audit"] == {"records": 5, "skipped_lines": 1, "answers_referenced": 5, "answers_found": 4}
 
 
+def test_answers_are_bucketed_on_the_service_clock_of_their_events(tmp_path: Path) -> None:
+    """Under a data clock the audit's wall time (ts) is years after served_at, the time its events carry."""
+    wall = T0 + 900 * DAY
+    audit = write_audit(tmp_path / "audit.jsonl", [answer("r1", wall, "m1", served_at=T0 + 100)])
+    ev = Events()
+    ev.add(4, "impression", T0 + 110, request_id="r1")
+    ev.add(1, "click", T0 + 120, request_id="r1")
+    conv = compute_conversion(ev.store(), audit, MON)
+    assert [(r["bucket"], r["impressions"], r["clicks"]) for r in conv["series"]] == [("2024-06-01", 4, 1)]
+
+
 def test_conversion_hourly_buckets_and_empty_store(tmp_path: Path) -> None:
     ev = Events()
     ev.add(2, "impression", T0 + 10, model_version="m1")

@@ -446,16 +446,13 @@ def audit(
     Records are keyed by a pseudonym (a keyed hash of the customer id); the key file next to the log
     turns the id into the pseudonym. Without that key no record can be found.
     """
-    from finrec.serving.audit import read_records
+    from finrec.serving.audit import read_existing_key, read_records
 
     settings = _settings(ctx)
     path, key_path = settings.serve.audit_paths(settings.workspace)
     if audit_log is not None:
         path, key_path = audit_log, settings.serve.audit_key_file or audit_log.with_name("audit.key")
-    if not key_path.is_file():
-        raise FinrecError(f"no audit key at {key_path}", hint="pass --audit-log of a service's log (its key "
-                          "audit.key sits next to it) or set serve.audit_key_file")  # fmt: skip
-    key = bytes.fromhex(key_path.read_text().strip())
+    key = read_existing_key(path, key_path)
     result = read_records(path, key, user.strip(), limit)
     if json_output:
         for r in result.records:
@@ -516,21 +513,14 @@ def monitor(
     page is served live at /dashboard. See docs/monitoring.md.
     """
     from finrec.monitoring.report import build_monitor_report, optional_drift, render_html, stored_alerts
-    from finrec.serving.audit import load_or_create_key
+    from finrec.serving.audit import read_existing_key
 
     settings = _settings(ctx)
     srv = settings.serve
     audit_path, key_path = srv.audit_paths(settings.workspace)
     if audit_log is not None:
         audit_path, key_path = audit_log, srv.audit_key_file or audit_log.with_name("audit.key")
-    if not audit_path.is_file():
-        raise FinrecError(f"no audit log at {audit_path}", hint="pass --audit-log (the audit.jsonl of a service), "
-                          "or point FINREC_WORKSPACE / serve.audit_log at the service's")  # fmt: skip
-    if not key_path.is_file():
-        raise FinrecError(f"no audit key at {key_path}: the customers in {audit_path} cannot be matched",
-                          hint="the key (audit.key) sits next to the service's audit log; copy it there "
-                          "or set serve.audit_key_file")  # fmt: skip
-    key = load_or_create_key(key_path)  # exists: only read, and refused clearly if damaged
+    key = read_existing_key(audit_path, key_path)
     model_dir = model_dir or srv.model_dir
     data_dir = data or srv.data or _trained_on(model_dir)
     dataset = None

@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from finrec.artifacts import read_manifest
 from finrec.cli._common import err, out, settings_of
 from finrec.errors import FinrecError
 from finrec.registry import CHALLENGER, CHAMPION, ModelRegistry, PromotionRefused, resolve_metric
@@ -64,11 +65,16 @@ def list_versions(ctx: typer.Context) -> None:
 
 @registry_app.command()
 def show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Version (v3) or alias (champion).")]) -> None:
-    """Everything the registry knows of one version, as JSON: manifest summary, evaluations, aliases, history."""
+    """Everything the registry knows of one version, as JSON: its entry (data, training metrics, evaluations,
+    aliases), its history, and its bundle's manifest (config with every setting, metrics, inputs)."""
     reg = _registry(ctx)
     entry = reg.entry(ref)
     entry["history"] = [h for h in reg.history() if entry["version"] in (h.get("version"), h.get("previous"))]
     entry["bundle"] = str(reg.path(entry["version"]))
+    manifest = read_manifest(reg.path(entry["version"]), "model")
+    entry["manifest"] = {k: manifest.get(k) for k in ("kind", "created_at", "code_version", "inputs", "config",
+                                                      "metrics")}  # fmt: skip
+    entry["manifest"]["files"] = len(manifest.get("files", {}))
     out.print_json(json.dumps(entry, default=str))
 
 

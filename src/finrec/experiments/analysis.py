@@ -328,18 +328,11 @@ def analyze_configured(
     """
     from finrec.events.store import open_event_store
     from finrec.monitoring.conversion import AuditReader, iter_events
-    from finrec.serving.audit import load_or_create_key
+    from finrec.serving.audit import read_existing_key
 
     exp = find_experiment(settings.experiments, name)
     audit_path, key_path = settings.serve.audit_paths(settings.workspace)
-    if not audit_path.is_file():
-        raise FinrecError(f"no audit log at {audit_path}", hint="point FINREC_WORKSPACE or serve.audit_log at the "
-                          "service's audit log")  # fmt: skip
-    if not key_path.is_file():
-        raise FinrecError(f"no audit key at {key_path}: the customers in {audit_path} cannot be matched to events",
-                          hint="the key (audit.key) sits next to the service's audit log; copy it there or set "
-                          "serve.audit_key_file")  # fmt: skip
-    key = load_or_create_key(key_path)  # it exists, so this only reads it (and refuses a damaged one clearly)
+    key = read_existing_key(audit_path, key_path)
     url = settings.serve.event_store_url(settings.workspace)
     store = (open_store or open_event_store)(url)
     reader = AuditReader(audit_path)

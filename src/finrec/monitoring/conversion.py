@@ -246,7 +246,9 @@ def compute_conversion(
     for rec in reader:
         rid = rec.get("request_id")
         if rid in needed:
-            ts = rec.get("ts")
+            # The answer's time on the service's clock (served_at), which stamps its events too: under a data
+            # clock the wall time (ts) would put the answer in another bucket than its feedback.
+            ts = rec.get("served_at", rec.get("ts"))
             answers[rid] = Answered(_text(rec.get("model_version")), _text(rec.get("arm")),
                                     float(ts) if isinstance(ts, int | float) else None)  # fmt: skip
         for asink in answer_sinks:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from finrec.errors import ArtifactError
+from finrec.errors import ArtifactError, FinrecError
 
 log = logging.getLogger(__name__)
 KEY_BYTES = 32
@@ -76,6 +76,24 @@ def load_or_create_key(path: Path) -> bytes:
     if len(key) < KEY_BYTES:
         raise ArtifactError(f"audit key file {path} holds {len(key)} bytes, need at least {KEY_BYTES}", hint=hint)
     return key
+
+
+def read_existing_key(audit_path: Path, key_path: Path) -> bytes:
+    """The key of an existing audit log, for reading it (never creates one: a new key would match no record).
+
+    Raises
+    ------
+    FinrecError
+        No audit log at ``audit_path``, or no key at ``key_path`` (each with a hint), or a damaged key.
+    """
+    if not Path(audit_path).is_file():
+        raise FinrecError(f"no audit log at {audit_path}", hint="pass --audit-log (the audit.jsonl of a service), "
+                          "or point FINREC_WORKSPACE / serve.audit_log at the service's")  # fmt: skip
+    if not Path(key_path).is_file():
+        raise FinrecError(f"no audit key at {key_path}: the customers in {audit_path} cannot be matched",
+                          hint="the key (audit.key) sits next to the service's audit log; copy it there "
+                          "or set serve.audit_key_file")  # fmt: skip
+    return load_or_create_key(key_path)  # it exists: only read, and refused clearly if damaged
 
 
 def pseudonymise(user_id: str, key: bytes) -> str:

@@ -198,5 +198,6 @@ class ServingModel:
             "features": len(self.names),
             "products": self.data.n_products,
             "customers": self.data.n_users,
+            "data_fingerprint": self.data.ds.fingerprint,
             "data_cutoff": pd.Timestamp(self.data.cutoff, unit="s", tz="UTC").isoformat(),
         }
