@@ -90,6 +90,7 @@ def main() -> None:
         rollback_s.append(time.perf_counter() - t0)
     poll = FinrecSettings(**base).registry.poll_seconds
     svc.close()
+    reg.set_alias("challenger", "v2")  # promoting v2 cleared it; the experiment's second arm serves it
 
     rng = np.random.default_rng(0)
     users = [str(u) for u in rng.integers(1, args.users + 1, args.requests)]
