@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli import assert_clean_failure, finrec
 
 from finrec import pipeline
 from finrec.config import FinrecSettings
 from finrec.registry import ModelRegistry
 from finrec.testing import TINY_TRAIN
-from test_cli import assert_clean_failure, finrec
 
 pytestmark = pytest.mark.slow
 
