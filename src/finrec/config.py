@@ -110,6 +110,24 @@ class TrainSettings(_Section):
         description="`two_stage`: two-tower retrieval, then the LightGBM ranker. `popularity`: the most engaged-with "
         "allowed products, with the same guardrails and approval odds: a baseline to A/B test against.",
     )
+    validation: Literal["auto", "temporal", "holdout"] = Field(
+        "auto",
+        description="How the model is validated while choosing what serves, when the data has no impressions "
+        "(with impressions the ranker window is used). `temporal`: learn before a cutoff, answer with what "
+        "customers newly took after it; `holdout`: hide 20% of each customer's products; `auto`: temporal when "
+        "at least 50 customers took new products after the cutoff, else holdout. The plan is printed and kept "
+        "in the bundle's manifest.",
+    )
+    sources: list[Literal["popularity", "recent", "additions", "segment", "item_cf", "transitions"]] = Field(
+        default_factory=lambda: ["popularity", "recent", "additions", "segment", "item_cf", "transitions"],
+        description="Candidate sources besides the two-tower: `popularity` (all time), `recent` (last 90 days), "
+        "`additions` (what customers add to what they have), `segment` (popularity within the best categorical "
+        "customer column), `item_cf` (EASE up to `max_ease_products` products, cosine item-kNN above), "
+        "`transitions` (customers who have X add Y next). Each one's score and rank are ranker features.",
+    )
+    max_ease_products: int = Field(
+        20_000, ge=2, le=20_000, description="Largest catalogue for EASE (a dense products x products inverse)."
+    )
     eval_days: float = Field(60, gt=0, description="Length of the held-out evaluation window (days).")
     label_days: float = Field(60, gt=0, description="Length of each training label window (days).")
     max_retrieval_windows: int = Field(4, ge=1, le=24, description="Label windows the retriever learns from.")
@@ -117,6 +135,9 @@ class TrainSettings(_Section):
     history_length: int = Field(20, ge=1, le=200, description="Recent products in the user tower's history.")
     retrieval_min_grade: int = Field(2, ge=1, description="Lowest grade that is a positive for retrieval.")
     max_ranker_queries: int = Field(120_000, ge=100, description="Customers sampled to train the ranker.")
+    max_retrieval_pairs: int = Field(
+        400_000, ge=1_000, description="Positive pairs the two-tower learns from at most (a seeded sample above)."
+    )
     ranker_rows: Literal["shown", "retrieved"] = Field(
         "shown",
         description="Ranker training rows: `shown` = what each customer was shown in the window (learns preference "

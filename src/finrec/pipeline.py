@@ -67,10 +67,12 @@ def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool 
             },  # fmt: skip
             metrics={
                 "training": report.metrics,
+                "validation": report.validation,
                 "fallbacks": report.fallbacks,
                 "seconds": {"load": round(load_s, 2), **{k: round(v, 2) for k, v in report.seconds.items()}},
                 "model_version": version,
                 "stages": model.stages(),
+                "serves": model.serve,
             },  # fmt: skip
         )
     return manifest

@@ -198,6 +198,14 @@ def train(
     out.print(f"[green]trained[/] {model_dir}  version {m['model_version']}")
     for stage, kind in m["stages"].items():
         out.print(f"  {stage}: {kind}")
+    from finrec.twostage.train import validation_lines
+
+    plan = m.get("validation", {}).get("plan", {})
+    if plan.get("reason"):
+        out.print(f"  validation plan: {plan['reason']}", markup=False, soft_wrap=True)
+    for line in validation_lines(m.get("validation", {})):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"  serves: [bold]{m.get('serves', 'stack')}[/] (the best on validation; never below popularity)")
     for name, section in m["training"].items():
         shown = {k: v for k, v in section.items() if not isinstance(v, dict | list)}
         out.print(f"  {name}: {shown}")

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from finrec.config import FinrecSettings
 from finrec.data.dataset import Dataset
 from finrec.errors import ArtifactError
-from finrec.features.builder import FeatureBuilder, Snapshot
+from finrec.features.builder import FeatureBuilder
 from finrec.twostage.model import Recommendations, TwoStageModel
 from finrec.twostage.train import allowed_mask, rules_for
 
@@ -170,28 +170,14 @@ def sample_customers(ds: Dataset, cutoff: int, n_users: int, seed: int = 0) -> n
     return np.sort(rows[pick])
 
 
-def served_rows(
-    model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, allowed: np.ndarray,
-    history: np.ndarray, rec: Recommendations,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+def served_rows(rec: Recommendations) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ranker rows, ranker scores and product rows of the served products in ``rec`` (by customer, in served order).
 
-    The retrieval stage is re-run with the arguments :meth:`TwoStageModel.recommend` used (it is
-    deterministic), so each row's retrieval score and rank are the ones the ranker saw.
+    They come from :meth:`TwoStageModel.recommend` itself: the one feature assembly, not a copy of it.
     """
-    index_kind = str(model.config.get("index", "exact"))
-    ret_s, ret_i = model.retrieve(builder, snap, users, allowed, rec.candidates.shape[1], history, index_kind)
     served = rec.items >= 0
-    # Position of each served product among its customer's candidates (served products are candidates).
-    hit = ret_i[:, None, :] == rec.items[:, :, None]
-    pos, found = hit.argmax(axis=2), hit.any(axis=2)  # not found only if an ANN index answered differently
-    qu = np.repeat(users, rec.items.shape[1])[served.ravel()]
-    qi = rec.items[served]
-    score = np.where(found, np.take_along_axis(ret_s, pos, axis=1), np.nan)[served]
-    rank = np.where(found, pos + 1.0, np.nan)[served]
-    X, names = model.tabular(builder, snap, qu, qi, score, rank)
-    ranker = model.ranker.predict(X) if model.ranker is not None else -rank
-    return X, np.asarray(ranker, dtype=np.float64), qi, names
+    assert rec.features is not None and rec.model_scores is not None
+    return rec.features, np.asarray(rec.model_scores, dtype=np.float64), rec.items[served]
 
 
 def sample_features(
@@ -231,7 +217,9 @@ def sample_features(
         bu = users[start : start + block]
         allowed = allowed_mask(rules, snap, bu, ds.n_products)
         rec = model.recommend(builder, snap, bu, allowed, k, history)
-        X, s, items, names = served_rows(model, builder, snap, bu, allowed, history, rec)
+        if not (rec.items >= 0).any():
+            continue
+        X, s, items = served_rows(rec)
         values.append(X.astype(np.float32))
         scores.append(s)
         products.append(items.astype(np.int64))

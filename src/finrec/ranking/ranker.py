@@ -71,7 +71,9 @@ class Ranker:
         sizes = np.diff(np.r_[starts, len(query)])
         rng = np.random.default_rng(cfg.seed)
         is_val_q = rng.random(len(uq)) < cfg.validation_fraction
-        if is_val_q.all() or not is_val_q.any():
+        if cfg.validation_fraction <= 0:  # a refit with a fixed number of trees: every query trains
+            is_val_q[:] = False
+        elif is_val_q.all() or not is_val_q.any():
             is_val_q[:] = False
             is_val_q[: max(1, len(uq) // 7)] = len(uq) > 1
         row_val = np.repeat(is_val_q, sizes)

@@ -43,6 +43,7 @@ class LiveCustomer:
     affinity: np.ndarray  # (n_categories + 1,) category affinity row
     pair_counts: dict[str, np.ndarray]  # pair-history count name -> (n_products,) live events
     last_seen: np.ndarray  # (n_products,) Unix seconds of the last live impression, NaN if none
+    positives: np.ndarray | None = None  # product rows of live events at or above the model's positive grade
 
 
 def _counts(v: np.ndarray | float) -> np.ndarray:
@@ -81,7 +82,11 @@ def live_customer(served: ServingModel, row: int, activity: list[Activity], now:
         new_total = per_cat.sum()
         affinity[:n_cat] = per_cat / max(new_total, 1)
         affinity[n_cat] = np.log1p(new_total)
-    return LiveCustomer(now, np.array(sorted(held), dtype=np.int64), affinity, pair_counts, last_seen)
+    grades = served.model.config.get("grades", {})
+    min_grade = int(served.model.config.get("min_grade", 2))
+    is_pos = np.array([grades.get(t, 0) >= min_grade and t != "close" for t in types], dtype=bool)
+    positives = np.unique(rows[is_pos]) if len(rows) else np.empty(0, np.int64)
+    return LiveCustomer(now, np.array(sorted(held), dtype=np.int64), affinity, pair_counts, last_seen, positives)
 
 
 def overlay(served: ServingModel, row: int, activity: list[Activity], now: float) -> CustomerInputs:

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
+from finrec.candidates.source_set import SourceSet, ranks_among
 from finrec.errors import ArtifactError
 from finrec.features.online import Activity
 from finrec.retrieval.index import make_index
@@ -102,6 +104,13 @@ class ServingModel:
                 for s in range(0, data.n_users, _EMBED_BLOCK)
             ]) if data.n_users else np.zeros((0, model.retriever.config.embedding_dim), np.float32)  # fmt: skip
         self.popularity = model.popularity_scores(builder)
+        self.item_emb = model.item_embeddings(builder, snap) if model.retriever is not None else None
+        # Candidate sources at the data's cutoff (the bundle's own fit when the data is the one it was trained on),
+        # each customer's positives at the cutoff and segment: what the sources score from.
+        self.sources = model.sources_at(builder, snap)
+        self.positives = model.positives(builder, snap).matrix if self.sources is not None else None
+        self.segments = self.sources.segment_codes(data.ds.users) if self.sources is not None else None
+        self.serve = model.serve
 
     # -- customers ----------------------------------------------------------------------------------
     def customer(self, row: int, activity: list[Activity] | None = None, now: float | None = None) -> CustomerInputs:
@@ -122,34 +131,80 @@ class ServingModel:
         return CustomerInputs(-1, emb, tab, dict(profile))
 
     # -- the request path ---------------------------------------------------------------------------
+    def _source_scores(self, who: CustomerInputs) -> dict[str, np.ndarray]:
+        """Every source's (1, n_products) scores for one customer: positives at the cutoff plus live ones."""
+        if self.sources is None or self.positives is None:
+            return {}
+        n = self.data.n_products
+        mine = self.positives[who.row].indices if who.row >= 0 else np.empty(0, np.int64)
+        if who.live is not None and who.live.positives is not None and len(who.live.positives):
+            mine = np.union1d(mine, who.live.positives)
+        history = sp.csr_matrix((np.ones(len(mine), np.float32), (np.zeros(len(mine), np.int64), mine)),
+                                shape=(1, n))  # fmt: skip
+        if who.row >= 0:
+            seg = None if self.segments is None else self.segments[who.row : who.row + 1]
+        else:
+            column = self.sources.segment_column
+            seg = None if column is None else np.array([self.sources.code_of((who.profile or {}).get(column))])
+        return self.sources.scores(history, seg)
+
+    def _retrieval_scores(self, who: CustomerInputs) -> np.ndarray:
+        """The two-tower's score of every product (popularity without a two-tower), as offline."""
+        if self.item_emb is not None and who.embedding is not None:
+            return (who.embedding[None, :] @ self.item_emb.T).astype(np.float64)[0]
+        return np.asarray(self.popularity, dtype=np.float64)
+
+    # -- the request path ---------------------------------------------------------------------------
     def rank(self, who: CustomerInputs, allowed: np.ndarray, k: int) -> Ranked:
         """The best ``k`` products among ``allowed`` (bool, one per product) for one customer.
 
         Only allowed products are ever retrieved, so nothing the guardrails removed can be scored,
-        whatever the models do. Fewer than ``k`` allowed products give a shorter answer.
+        whatever the models do. Fewer than ``k`` allowed products give a shorter answer. The candidates,
+        features and order are those of :meth:`TwoStageModel.recommend` for the same customer.
         """
         t0 = time.perf_counter()
         n_cand = min(max(self.n_candidates, k), len(allowed))
-        if self.index is not None and who.embedding is not None:
+        src = self._source_scores(who)
+        single = self.serve != "stack" and (self.serve in src or self.serve == "popularity"
+                                            or self.index is None)  # fmt: skip
+        if single or self.serve == "two_tower":
+            if self.serve == "two_tower" and self.index is not None:
+                order_by = self._retrieval_scores(who)
+            else:
+                order_by = src[self.serve][0] if self.serve in src else np.asarray(self.popularity, np.float64)
+            masked = np.where(allowed, order_by, -np.inf)
+            items = np.argsort(-masked, kind="stable")[:k]
+            items = items[np.isfinite(masked[items])]
+            final = masked[items]
+        elif self.index is not None and who.embedding is not None:
             s, i = self.index.search(who.embedding[None, :], n_cand, exclude=~allowed[None, :])
-            s, i = s[0].astype(np.float64), i[0].astype(np.int64)
-        else:  # popularity retrieval (the bundle's fallback)
-            pop = np.where(allowed, self.popularity, -np.inf)
-            i = np.argsort(-pop, kind="stable")[:n_cand]
-            s = pop[i]
-        keep = (i >= 0) & np.isfinite(s)
-        items, ret_s = i[keep], s[keep]
+            i = i[0].astype(np.int64)
+            i = i[(i >= 0) & np.isfinite(s[0])]
+            per = self.model.source_candidates(self.n_candidates)
+            items = np.union1d(SourceSet.candidates(src, allowed[None, :], per)[0], i) if src else i
+        else:
+            if src:
+                items = SourceSet.candidates(src, allowed[None, :], self.model.source_candidates(self.n_candidates))[0]
+            else:  # popularity retrieval (the bundle's fallback)
+                pop = np.where(allowed, self.popularity, -np.inf)
+                items = np.argsort(-pop, kind="stable")[:n_cand]
+                items = items[np.isfinite(pop[items])]
         t1 = time.perf_counter()
         n = len(items)
         X = np.empty((n, len(self.names)), dtype=np.float32)
         X[:, : self.n_user] = who.tabular
         X[:, self.n_user : self.n_user + self.product_tab.shape[1]] = self.product_tab[items]
         pairs = self.data.pair_block(who.row, items, self.pair_columns, who.profile, who.live)
+        ret_all = np.where(allowed, self._retrieval_scores(who), -np.inf)
+        ret_rank = ranks_among(ret_all[None, :], allowed[None, :])[0]
+        extra = SourceSet.features(src, allowed[None, :], np.zeros(n, np.int64), items) if src else {}
         for j, c in enumerate(self.pair_columns):
             if c == "retrieval_score":
-                pairs[:, j] = ret_s
+                pairs[:, j] = np.where(np.isfinite(ret_all[items]), ret_all[items], np.nan)
             elif c == "retrieval_rank":
-                pairs[:, j] = np.arange(1, n + 1)
+                pairs[:, j] = ret_rank[items]
+            elif c in extra:
+                pairs[:, j] = extra[c]
         X[:, self.n_user + self.product_tab.shape[1] :] = pairs
         t2 = time.perf_counter()
         odds = np.full(n, np.nan)
@@ -158,17 +213,23 @@ class ServingModel:
             X[:, self.odds_col] = odds
         t3 = time.perf_counter()
         leaves = None
-        if self.model.ranker is not None and n:
-            # One pass over the trees gives the scores and, for the items kept, their contributions (reasons).
-            score, leaves = self.model.ranker.predict_with_leaves(X)
+        if single or self.serve == "two_tower":
+            order = np.arange(n)  # already in the serving source's order
+            score = final
         else:
-            score = -np.arange(1, n + 1, dtype=np.float64)
-        # Likely declines go below every other candidate (a decline costs a hard credit inquiry).
-        final = np.where(np.nan_to_num(odds, nan=1.0) < self.demote_below, score - 1e6, score)
-        order = np.argsort(-final, kind="stable")[:k]
+            if self.model.ranker is not None and n:
+                # One pass over the trees gives the scores and, for the items kept, their contributions (reasons).
+                score, leaves = self.model.ranker.predict_with_leaves(X)
+            else:
+                score = -ret_rank[items].astype(np.float64)
+            # Likely declines go below every other candidate (a decline costs a hard credit inquiry).
+            final = np.where(np.nan_to_num(odds, nan=1.0) < self.demote_below, score - 1e6, score)
+            order = np.argsort(-final, kind="stable")[:k]
         t4 = time.perf_counter()
         timings = {"retrieval": t1 - t0, "features": t2 - t1, "approval": t3 - t2, "ranker": t4 - t3}
-        return Ranked(items[order], final[order], odds[order], X[order], n, timings,
+        # Candidates considered: a single source scores every allowed product (as many as retrieval would take).
+        considered = min(n_cand, int(allowed.sum())) if single or self.serve == "two_tower" else n
+        return Ranked(items[order], final[order], odds[order], X[order], considered, timings,
                       None if leaves is None else leaves[order])  # fmt: skip
 
     def contributions(self, features: np.ndarray, leaves: np.ndarray | None = None) -> np.ndarray | None:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from finrec.candidates.interactions import Interactions, rows_of
+from finrec.candidates.source_set import SourceSet, ranks_among
 from finrec.errors import ArtifactError
 from finrec.features.builder import FeatureBuilder, Snapshot
 from finrec.features.encoding import FeatureSpace
@@ -48,6 +50,8 @@ class Recommendations:
     scores: np.ndarray  # (n, k) float64
     approval: np.ndarray  # (n, k) float64
     candidates: np.ndarray  # (n, n_candidates) int64 retrieved (for Recall@N)
+    features: np.ndarray | None = None  # (served, n_features) ranker inputs of the served items, customer by rank
+    model_scores: np.ndarray | None = None  # (served,) what ordered them (ranker score, before demotion)
 
 
 class TwoStageModel:
@@ -61,6 +65,8 @@ class TwoStageModel:
         pair_columns: list[str],
         popularity: np.ndarray,
         config: dict[str, Any],
+        sources: SourceSet | None = None,
+        serve: str = "stack",
     ):
         self.space = space
         self.product_ids = product_ids
@@ -70,6 +76,12 @@ class TwoStageModel:
         self.pair_columns = pair_columns
         self.popularity = popularity  # per training product row, log-scale engaged count
         self.config = config
+        # Candidate sources fitted at ``config["sources_cutoff"]`` on ``config["sources_events"]`` events (the
+        # bundle's: all the data); at any other cutoff they are refitted there (they are point-in-time features).
+        self.sources = sources
+        # What answers: "stack" (candidates from every source, ordered by the ranker) or one source alone
+        # ("two_tower" or a source name), as the training plan's selection guard chose on validation.
+        self.serve = serve
         # Per-snapshot work that every block of customers shares: dense customer features,
         # product embeddings, candidate indexes. One entry; a new snapshot replaces it. The
         # snapshot itself is kept so its id cannot be reused while the entry lives.
@@ -82,11 +94,62 @@ class TwoStageModel:
 
     def stages(self) -> dict[str, str]:
         """What each stage is in this bundle (a fallback says so)."""
+        retrieval = ["two_tower"] if self.retriever is not None else []
+        retrieval += self.sources.names if self.sources is not None else []
         return {
-            "retrieval": "two_tower" if self.retriever is not None else "popularity (fallback)",
+            "retrieval": (" + ".join(retrieval) + ("" if self.retriever is not None else " (two-tower: fallback)"))
+            if retrieval else "popularity (fallback)",
             "ranking": "lightgbm_lambdarank" if self.ranker is not None else "retrieval order (fallback)",
             "approval_odds": "lightgbm+isotonic" if self.approval is not None else "not used",
         }
+
+    # -- candidate sources ----------------------------------------------------------------------
+    def positives(self, builder: FeatureBuilder, snap: Snapshot) -> Interactions:
+        """Positives of every customer before the snapshot's cutoff (what the sources score from)."""
+        cache = self._snapshot_cache(snap)
+        if "interactions" not in cache:
+            cache["interactions"] = Interactions.from_events(
+                builder.ds.events, builder.ds.n_users, builder.ds.n_products, self.config.get("grades", {}),
+                int(self.config.get("min_grade", 2)), cutoff=snap.cutoff)  # fmt: skip
+        inter: Interactions = cache["interactions"]
+        return inter
+
+    def set_sources(self, snap: Snapshot, sources: SourceSet) -> None:
+        """Use ``sources`` (fitted at this snapshot's cutoff) for this snapshot."""
+        self._snapshot_cache(snap)["sources"] = sources
+
+    def sources_at(self, builder: FeatureBuilder, snap: Snapshot) -> SourceSet | None:
+        """The sources fitted at the snapshot's cutoff: the bundle's own when that is where they were fitted,
+        else the same sources refitted on the events before the cutoff (never on what comes after it)."""
+        if self.sources is None:
+            return None
+        cache = self._snapshot_cache(snap)
+        if "sources" not in cache:
+            n_before = int(np.searchsorted(builder.ds.events.ts, snap.cutoff, side="left"))
+            if snap.cutoff == self.config.get("sources_cutoff") and n_before == self.config.get("sources_events"):
+                cache["sources"] = self.sources
+            else:
+                inter = self.positives(builder, snap)
+                cache["sources"] = self.sources.refit(inter, self.sources.segment_codes(builder.ds.users))
+        found: SourceSet = cache["sources"]
+        return found
+
+    def source_candidates(self, n_candidates: int) -> int:
+        """Candidates each source adds (the two-tower adds ``n_candidates``): a share of the budget, at least 20,
+        so that several sources do not multiply the ranker's work per request."""
+        n_sources = len(self.sources.names) if self.sources is not None else 1
+        if self.retriever is None:
+            return max(20, n_candidates // max(1, min(n_sources, 2)))
+        return max(20, n_candidates // max(1, n_sources))
+
+    def source_scores(self, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray) -> dict[str, np.ndarray]:
+        """Every source's (len(users), n_products) scores at the snapshot."""
+        sources = self.sources_at(builder, snap)
+        if sources is None:
+            return {}
+        history = rows_of(self.positives(builder, snap).matrix, users)
+        seg = sources.segment_codes(builder.ds.users)
+        return sources.scores(history, None if seg is None else seg[users])
 
     # -- helpers --------------------------------------------------------------------------------
     def product_rows(self, builder: FeatureBuilder) -> np.ndarray:
@@ -166,18 +229,35 @@ class TwoStageModel:
 
     def tabular(
         self, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, items: np.ndarray, ret_score: np.ndarray,
-        ret_rank: np.ndarray,
+        ret_rank: np.ndarray, extra: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, list[str]]:  # fmt: skip
         pairs = builder.pair_features(snap, users, items)
         pairs["retrieval_score"] = ret_score
         pairs["retrieval_rank"] = ret_rank
         pairs["approval_odds"] = np.nan
+        for c, v in (extra or {}).items():
+            pairs[c] = v
         names, _ = self.space.tabular_names(self.pair_columns)
         X = self.space.tabular(snap, users, items, pairs, self.pair_columns)
         if self.approval is not None and "approval_odds" in names:
             cols = self.approval_features(names)
             X[:, names.index("approval_odds")] = self.approval.predict_proba(X[:, cols])
         return X, names
+
+    def pair_rows(
+        self, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, allowed: np.ndarray, history: np.ndarray,
+        q: np.ndarray, items: np.ndarray, src: dict[str, np.ndarray],
+    ) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+        """Ranker rows of pairs (``users[q[i]]``, ``items[i]``): one assembly for training, batch and evaluation.
+
+        Retrieval score and rank are exact over the customer's allowed products, as are each source's.
+        """
+        score_all = np.where(allowed, self.full_scores(builder, snap, users, history), -np.inf)
+        rank_all = ranks_among(score_all, allowed)
+        ret_score = score_all[q, items]
+        ret_score = np.where(np.isfinite(ret_score), ret_score, np.nan)
+        extra = SourceSet.features(src, allowed, q, items) if src else {}
+        return self.tabular(builder, snap, users[q], items, ret_score, rank_all[q, items].astype(np.float64), extra)
 
     def recommend(
         self,
@@ -190,33 +270,78 @@ class TwoStageModel:
         n_candidates: int | None = None,
         index_kind: str | None = None,
         demote_below: float | None = None,
+        serve: str | None = None,
     ) -> Recommendations:
-        """Top ``k`` allowed products for each customer row in ``users`` (``allowed``: (len(users), n_products))."""
+        """Top ``k`` allowed products for each customer row in ``users`` (``allowed``: (len(users), n_products)).
+
+        ``serve`` overrides what answers (``stack``, ``two_tower``, ``popularity`` or a source name); by
+        default the bundle's choice. The served items' ranker rows come back with them (drift reference).
+        """
+        serve = serve or self.serve
         n_candidates = n_candidates or int(self.config.get("n_candidates", 100))
         demote_below = self.config.get("demote_below", 0.2) if demote_below is None else demote_below
         index_kind = index_kind or str(self.config.get("index", "exact"))  # the bundle's [train] index
+        src = self.source_scores(builder, snap, users)
+        n = len(users)
+        if serve != "stack" and (serve in src or serve == "popularity" or self.retriever is None):
+            scores = src.get(serve, np.broadcast_to(self.popularity_scores(builder), (n, builder.ds.n_products)))
+            top = _top_k(np.where(allowed, scores, -np.inf), k)
+            s = np.where(top >= 0, np.take_along_axis(scores, np.maximum(top, 0), axis=1), np.nan)
+            served = top >= 0
+            q = np.repeat(np.arange(n), k)[served.ravel()]
+            X, _ = self.pair_rows(builder, snap, users, allowed, history, q, top[served], src)
+            return Recommendations(top, s, np.full(top.shape, np.nan), top, X, s[served])
         ret_s, ret_i = self.retrieve(builder, snap, users, allowed, max(n_candidates, k), history, index_kind)
-        n, c = ret_i.shape
-        valid = ret_i >= 0
-        qu = np.repeat(users, c)[valid.ravel()]
-        qi = ret_i.ravel()[valid.ravel()]
-        rank = np.tile(np.arange(1, c + 1), n)[valid.ravel()].astype(np.float64)
-        final = np.full((n, c), -np.inf)
-        odds = np.full((n, c), np.nan)
-        if len(qu):
-            X, names = self.tabular(builder, snap, qu, qi, ret_s.ravel()[valid.ravel()], rank)
-            score = self.ranker.predict(X) if self.ranker is not None else -rank
+        if serve == "two_tower":
+            top = ret_i[:, :k]
+            s = np.where(top >= 0, ret_s[:, :k], np.nan)
+            served = top >= 0
+            q = np.repeat(np.arange(n), top.shape[1])[served.ravel()]
+            X, _ = self.pair_rows(builder, snap, users, allowed, history, q, top[served], src)
+            return Recommendations(top, s, np.full(top.shape, np.nan), ret_i, X, s[served])
+        if src and self.retriever is not None:
+            merged = SourceSet.candidates(src, allowed, self.source_candidates(n_candidates))
+            cand_rows = [np.union1d(m, r[r >= 0]) for m, r in zip(merged, ret_i, strict=True)]
+        elif src:
+            cand_rows = SourceSet.candidates(src, allowed, self.source_candidates(n_candidates))
+        else:
+            cand_rows = [r[r >= 0] for r in ret_i]
+        width = max([len(r) for r in cand_rows] + [k, 1])
+        cand = np.full((n, width), -1, dtype=np.int64)
+        for j, r in enumerate(cand_rows):
+            cand[j, : len(r)] = r
+        valid = cand >= 0
+        q = np.repeat(np.arange(n), width)[valid.ravel()]
+        qi = cand.ravel()[valid.ravel()]
+        final = np.full((n, width), -np.inf)
+        raw = np.full((n, width), np.nan)
+        odds = np.full((n, width), np.nan)
+        X = np.zeros((0, 0))
+        if len(q):
+            X, names = self.pair_rows(builder, snap, users, allowed, history, q, qi, src)
+            score = self.ranker.predict(X) if self.ranker is not None else -X[:, names.index("retrieval_rank")]
+            raw[valid] = score
             if "approval_odds" in names:
                 odds[valid] = X[:, names.index("approval_odds")]
             # Demote likely declines below every other candidate, keeping their relative order.
             low = np.nan_to_num(odds[valid], nan=1.0) < demote_below
             final[valid] = np.where(low, score - 1e6, score)
         order = np.argsort(-final, axis=1, kind="stable")[:, :k]
-        items = np.take_along_axis(np.where(valid, ret_i, -1), order, axis=1)
+        items = np.take_along_axis(cand, order, axis=1)
         scores = np.take_along_axis(final, order, axis=1)
         approval = np.take_along_axis(odds, order, axis=1)
+        raw_top = np.take_along_axis(raw, order, axis=1)
         items = np.where(np.isfinite(scores), items, -1)
-        return Recommendations(items, np.where(items >= 0, scores, np.nan), approval, ret_i)
+        if items.shape[1] < k:
+            pad = ((0, 0), (0, k - items.shape[1]))
+            items = np.pad(items, pad, constant_values=-1)
+            scores, approval, raw_top = (np.pad(a, pad, constant_values=np.nan) for a in (scores, approval, raw_top))
+            order = np.pad(order, pad, constant_values=0)
+        served = items >= 0
+        row_of = np.full((n, width), -1, dtype=np.int64)
+        row_of[valid] = np.arange(int(valid.sum()))
+        feats = X[np.take_along_axis(row_of, order, axis=1)[served]] if len(q) else None
+        return Recommendations(items, np.where(served, scores, np.nan), approval, ret_i, feats, raw_top[served])
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -228,7 +353,9 @@ class TwoStageModel:
             "pair_columns": self.pair_columns,
             "popularity": self.popularity.tolist(),
             "config": self.config,
+            "serve": self.serve,
             "stages": {
+                "sources": self.sources is not None,
                 "retriever": self.retriever is not None,
                 "ranker": self.ranker is not None,
                 "approval": self.approval is not None,
@@ -241,6 +368,8 @@ class TwoStageModel:
             self.ranker.save(directory / "ranker")
         if self.approval is not None:
             self.approval.save(directory / "approval")
+        if self.sources is not None:
+            self.sources.save(directory / "sources")
 
     @classmethod
     def load(cls, directory: Path) -> TwoStageModel:
@@ -265,4 +394,16 @@ class TwoStageModel:
             pair_columns=meta["pair_columns"],
             popularity=np.asarray(meta["popularity"], dtype=np.float64),
             config=meta["config"],
+            sources=SourceSet.load(directory / "sources") if stages.get("sources") else None,
+            serve=str(meta.get("serve", "stack")),
         )
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best finite scores per row, best first (ties: lower row first); -1 pads."""
+    k_eff = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
+    top = np.where(np.isfinite(np.take_along_axis(scores, order, axis=1)), order, -1)
+    if k_eff < k:
+        top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-1)
+    return top

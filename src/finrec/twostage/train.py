@@ -1,29 +1,46 @@
 """Training the two-stage model from a dataset: wiring only, the modelling lives in its stage.
 
-Steps, each on the temporal split of :mod:`finrec.features.split`:
+Every dataset gets a validation plan that fits its shape, several candidate sources, a ranker
+and a selection guard:
 
-1. the two-tower retriever on the retrieval windows (features at each cutoff,
-   positives in the following label window), early-stopped on recall in the
-   ranker window (out of time);
-2. approval odds on every decided application before the ranker cutoff;
-3. the LightGBM ranker on the ranker window: the retriever's candidates for
-   each sampled customer plus what they were shown, labelled with their
-   highest funnel grade, with retrieval score and approval odds as features.
+* **With impressions** (a logged funnel: our synthetic world, a bank's logged offers): the temporal
+  split of :mod:`finrec.features.split`. The two-tower learns from the retrieval windows; the
+  candidate sources are fitted at the ranker cutoff; the ranker learns from what customers were
+  *shown* in the ranker window (a product never shown is unknown, not rejected).
+* **Without impressions** (implicit positives, holdings snapshots): the plan of
+  :mod:`finrec.features.plan` (temporal where customers come back after a cutoff, else a
+  per-customer holdout). The ranker learns from each source's candidates with sampled
+  unlabelled negatives, graded by what the customer did next.
+
+Either way the validation customers are split in two: the ranker learns from the first part;
+popularity, every source alone, the two-tower and the full stack are then scored on the second
+part, and the bundle serves the best of them (never something worse than popularity on its own
+validation). Finally the sources are refitted on all the data (and, without impressions, the
+ranker on every validation customer with the number of trees chosen), so the served model has
+seen the latest behaviour.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
+from finrec.candidates.interactions import Interactions
+from finrec.candidates.item_item import MAX_EASE_PRODUCTS, EASESource, ItemKNNSource, gram
+from finrec.candidates.popularity import PopularitySource, SegmentPopularitySource
+from finrec.candidates.source_set import SourceSet, feature_names, ranks_among
+from finrec.candidates.transitions import TransitionSource
 from finrec.config import FinrecSettings
 from finrec.data.dataset import ETYPE, Dataset
+from finrec.evaluation.metrics import Relevance, evaluate_rankings
 from finrec.features.builder import FeatureBuilder, Snapshot
 from finrec.features.encoding import FeatureSpace
+from finrec.features.plan import ValidationPlan
 from finrec.features.split import TemporalSplit
 from finrec.ranking.approval import ApprovalConfig, ApprovalModel
 from finrec.ranking.ranker import Ranker, RankerConfig
@@ -33,6 +50,13 @@ from finrec.twostage.model import PAIR_COLUMNS_EXTRA, TwoStageModel
 
 MIN_RETRIEVAL_PAIRS = 50
 MIN_RANKER_QUERIES = 20
+#: Share of the validation customers kept out of the ranker to choose what is served, and at most how many.
+GUARD_SHARE = 0.25
+MAX_GUARD_CUSTOMERS = 10_000
+#: Customers used to choose a source's hyperparameters (EASE's penalty, the segment column).
+MAX_TUNE_CUSTOMERS = 5_000
+BLOCK = 2_000
+GUARD_K = 10
 
 
 @dataclass
@@ -41,6 +65,7 @@ class TrainingReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)  # the plan and the selection guard's table
 
 
 def rules_for(ds: Dataset, settings: FinrecSettings, users: pd.DataFrame | None = None) -> ProductRules:
@@ -85,22 +110,38 @@ def _positives(builder: FeatureBuilder, start: int, end: int, grades: dict[str, 
     return pos
 
 
+def _new_model(ds: Dataset, settings: FinrecSettings, space: FeatureSpace, retriever: TwoTowerModel | None,
+               pair_columns: list[str], popularity: np.ndarray, split: TemporalSplit) -> TwoStageModel:  # fmt: skip
+    t = settings.train
+    return TwoStageModel(space, ds.products["product_id"].astype(str).tolist(), retriever, None, None, pair_columns,
+                         popularity, {"n_candidates": t.n_candidates, "demote_below": t.demote_below,
+                                      "index": t.index, "history_length": t.history_length,
+                                      "split": split.to_dict(), "grades": dict(settings.events.grades),
+                                      "min_grade": t.retrieval_min_grade})  # fmt: skip
+
+
 def train_two_stage(
     ds: Dataset, settings: FinrecSettings, progress: bool = True
 ) -> tuple[TwoStageModel, TrainingReport]:
     """Train every stage; stages without enough signal fall back and say so in the report."""
     t = settings.train
-    grades = dict(settings.events.grades)
-    split = TemporalSplit.plan(*ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)
-    report = TrainingReport(split)
-    builder = FeatureBuilder(ds, settings.protected_attributes)
-    rules = rules_for(ds, settings)
-    clock = time.perf_counter()
+    n_imp = int((ds.events.etype == ETYPE["impression"]).sum())
+    with_impressions = n_imp >= 1_000 and n_imp >= 0.05 * len(ds.events)
+    if t.model == "popularity" or with_impressions:
+        model, report = _train_with_impressions(ds, settings, progress)
+    else:
+        model, report = _train_without_impressions(ds, settings, progress)
+    return model, report
 
-    # 1. Retrieval.
+
+# -- shared steps --------------------------------------------------------------------------------------
+def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: FeatureSpace, settings: FinrecSettings,
+                   report: TrainingReport, progress: bool) -> TwoTowerModel | None:  # fmt: skip
+    """The two-tower on the retrieval windows of ``split``, early-stopped on its ranker window."""
+    t, ds = settings.train, builder.ds
+    grades = dict(settings.events.grades)
     snaps = [builder.snapshot(c) for c in split.retrieval_cutoffs]
     rank_snap = builder.snapshot(split.rank_cutoff)
-    space = FeatureSpace.fit(rank_snap)
     ux_parts, hist_parts, pair_parts, weight_parts = [], [], [], []
     offset = 0
     for snap in snaps:
@@ -116,81 +157,311 @@ def train_two_stage(
         offset += len(users)
     val_pos = _positives(builder, split.rank_cutoff, split.eval_cutoff, grades, t.retrieval_min_grade)
     val_users = np.unique(val_pos["user"].to_numpy())
-    rank_history = builder.history(split.rank_cutoff, t.history_length)
-    retriever: TwoTowerModel | None = None
     n_pairs = sum(len(p) for p in pair_parts)
-    if t.model == "two_stage" and n_pairs >= MIN_RETRIEVAL_PAIRS and len(val_users):
-        ux = np.vstack([*ux_parts, space.user_dense(rank_snap)[val_users]])
-        hist = np.vstack([*hist_parts, rank_history[val_users]])
-        pairs = np.vstack(pair_parts).astype(np.int64)
-        val_pairs = np.column_stack(
-            [pd.Index(val_users).get_indexer(val_pos["user"].to_numpy()) + offset, val_pos["product"].to_numpy()]
-        ).astype(np.int64)
-        item_x = space.product_dense(snaps[-1])
-        # Early stopping needs a recall that can still improve: N candidates of a catalogue not much
-        # bigger than N is recall 1.0 from the first epoch. Cap N at a tenth of the catalogue.
-        recall_k = max(1, min(t.n_candidates, ds.n_products // 10))
-        cfg = TwoTowerConfig(embedding_dim=t.embedding_dim, max_epochs=t.max_epochs, seed=t.seed, recall_k=recall_k)
-        retriever = TwoTowerModel(cfg).fit(
-            ux, hist, item_x, np.arange(ds.n_products, dtype=np.int64), pairs, val_pairs,
-            weights=np.concatenate(weight_parts), progress=progress,
-        )  # fmt: skip
-        report.metrics["retrieval"] = {
-            "train_pairs": int(len(pairs)),
-            "val_pairs": int(len(val_pairs)),
-            "best_epoch": int(retriever.best_epoch_),
-            f"val_recall@{cfg.recall_k}": float(max(h["val_recall"] for h in retriever.history_)),
-        }
-    elif t.model == "popularity":
+    if n_pairs < MIN_RETRIEVAL_PAIRS or not len(val_users):
+        report.fallbacks.append(f"retrieval: two-tower not used: only {n_pairs} positive pairs in the retrieval "
+                                f"windows (need {MIN_RETRIEVAL_PAIRS}) or none in its validation window; candidates "
+                                "come from the other sources")  # fmt: skip
+        return None
+    ux = np.vstack([*ux_parts, space.user_dense(rank_snap)[val_users]])
+    hist = np.vstack([*hist_parts, builder.history(split.rank_cutoff, t.history_length)[val_users]])
+    pairs = np.vstack(pair_parts).astype(np.int64)
+    weights = np.concatenate(weight_parts)
+    if len(pairs) > t.max_retrieval_pairs:  # a seeded sample bounds an epoch's time on large event logs
+        keep = np.sort(np.random.default_rng(t.seed).choice(len(pairs), t.max_retrieval_pairs, replace=False))
+        pairs, weights = pairs[keep], weights[keep]
+        report.metrics.setdefault("retrieval", {})["sampled_pairs"] = int(t.max_retrieval_pairs)
+    val_pairs = np.column_stack(
+        [pd.Index(val_users).get_indexer(val_pos["user"].to_numpy()) + offset, val_pos["product"].to_numpy()]
+    ).astype(np.int64)
+    item_x = space.product_dense(snaps[-1] if snaps else rank_snap)
+    # Early stopping needs a recall that can still improve: N candidates of a catalogue not much
+    # bigger than N is recall 1.0 from the first epoch. Cap N at a tenth of the catalogue.
+    recall_k = max(1, min(t.n_candidates, ds.n_products // 10))
+    cfg = TwoTowerConfig(embedding_dim=t.embedding_dim, max_epochs=t.max_epochs, seed=t.seed, recall_k=recall_k)
+    retriever = TwoTowerModel(cfg).fit(
+        ux, hist, item_x, np.arange(ds.n_products, dtype=np.int64), pairs, val_pairs,
+        weights=weights, progress=progress,
+    )  # fmt: skip
+    report.metrics["retrieval"] = {**report.metrics.get("retrieval", {}),
+        "train_pairs": int(len(pairs)),
+        "val_pairs": int(len(val_pairs)),
+        "best_epoch": int(retriever.best_epoch_),
+        f"val_recall@{cfg.recall_k}": float(max(h["val_recall"] for h in retriever.history_)),
+    }
+    return retriever
+
+
+def _fit_approval(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, settings: FinrecSettings,
+                  report: TrainingReport) -> None:  # fmt: skip
+    """Approval odds from every decided application before the snapshot's cutoff."""
+    ev = builder.ds.events.before(snap.cutoff)
+    decided = (ev.etype == ETYPE["approve"]) | (ev.etype == ETYPE["decline"])
+    if not decided.any() or not (ev.etype[decided] == ETYPE["decline"]).any():
+        report.fallbacks.append("approval odds: no approve and decline events; approval odds are not used")
+        return
+    du, dp = ev.user[decided].astype(np.int64), ev.product[decided].astype(np.int64)
+    y = (ev.etype[decided] == ETYPE["approve"]).astype(int)
+    X, names = model.tabular(builder, snap, du, dp, np.zeros(len(du)), np.zeros(len(du)),
+                             _zero_sources(model, len(du)))  # fmt: skip
+    cols = model.approval_features(names)
+    approval = ApprovalModel(ApprovalConfig(seed=settings.train.seed)).fit(
+        X[:, cols], y, [names[i] for i in cols], categorical=[n for n in ("product_category",) if n in names],
+        time_order=ev.ts[decided],
+    )  # fmt: skip
+    report.metrics["approval"] = {"applications": int(len(y)), **approval.report_}
+    if approval.fallback_reason_:
+        report.fallbacks.append(f"approval odds: {approval.fallback_reason_}")
+    model.approval = approval
+
+
+def _zero_sources(model: TwoStageModel, n: int) -> dict[str, np.ndarray]:
+    """Source columns for rows that are not ranked (the approval model never reads them)."""
+    return {c: np.full(n, np.nan) for c in model.pair_columns if c.startswith("src_")}
+
+
+def _source_plan(ds: Dataset, settings: FinrecSettings) -> list[str]:
+    """Which sources to try, from ``[train] sources``; item-item CF is EASE up to MAX_EASE_PRODUCTS."""
+    out = []
+    for name in settings.train.sources:
+        if name == "item_cf":
+            out.append("ease" if ds.n_products <= min(MAX_EASE_PRODUCTS, settings.train.max_ease_products)
+                       else "item_knn")  # fmt: skip
+        else:
+            out.append(name)
+    return out
+
+
+def _fit_sources(ds: Dataset, inter: Interactions, settings: FinrecSettings, report: TrainingReport,
+                 tune: tuple[np.ndarray, Relevance, np.ndarray] | None) -> SourceSet:  # fmt: skip
+    """Fit every configured source on ``inter``; ``tune`` = (users, answer, allowed) chooses hyperparameters."""
+    fitted: list[Any] = []
+    info: dict[str, Any] = {}
+    seg_column, seg_vocab = None, None
+    t = settings.train
+
+    def ndcg(scores: np.ndarray) -> float:
+        assert tune is not None
+        users, rel, allowed = tune
+        top = _top_k(np.where(allowed, scores, -np.inf), GUARD_K)
+        v = evaluate_rankings(top, rel, ds.n_products, k=GUARD_K, recall_ks=(GUARD_K,))[f"ndcg@{GUARD_K}"]
+        return float(np.nanmean(v)) if np.isfinite(v).any() else 0.0  # type: ignore[arg-type]
+
+    history = None if tune is None else inter.matrix[tune[0]]
+    for name in _source_plan(ds, settings):
+        try:
+            if name == "popularity":
+                src: Any = PopularitySource("all").fit(inter)
+            elif name == "recent":
+                src = PopularitySource("recent").fit(inter)
+                if inter.recent.nnz in (0, inter.matrix.nnz):
+                    raise ValueError("every positive is recent (or none is): the same as all-time popularity")
+            elif name == "additions":
+                src = PopularitySource("additions").fit(inter)
+                if src.n_events_ < 20:
+                    raise ValueError(f"only {src.n_events_} dated additions")
+            elif name == "segment":
+                cols = SourceSet.segment_candidates(ds.users, set(settings.protected_attributes))
+                if not cols:
+                    raise ValueError("no categorical customer column with 2 to 64 values")
+                best = None
+                for c in cols:
+                    vocab = sorted(ds.users[c].dropna().astype(str).unique().tolist())
+                    probe = SourceSet([], c, vocab)
+                    codes = probe.segment_codes(ds.users)
+                    cand = SegmentPopularitySource(c).fit(inter, codes)
+                    value = ndcg(cand.score(history, codes[tune[0]])) if tune is not None else 0.0
+                    if best is None or value > best[0]:
+                        best = (value, c, vocab, cand)
+                assert best is not None
+                _, seg_column, seg_vocab, src = best
+                info["segment"] = {"column": seg_column, "tried": cols}
+            elif name == "ease":
+                g = gram(inter.matrix)
+                mean_count = float(np.mean(np.diag(g))) or 1.0
+                # The penalty relative to the mean product count; a finer grid where an inverse is cheap.
+                if ds.n_products <= 3_000:
+                    grid = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
+                elif ds.n_products <= 8_000:
+                    grid = [0.1, 0.4, 1.6]
+                else:
+                    grid = [0.5]
+                best = None
+                for c in grid:
+                    cand = EASESource(l2=max(c * mean_count, 1e-3)).fit(inter, g=g)
+                    value = ndcg(cand.score(history)) if tune is not None and len(grid) > 1 else 0.0
+                    if best is None or value > best[0]:
+                        best = (value, c, cand)
+                assert best is not None
+                src = best[2]
+                info["ease"] = {"l2": src.l2, "l2_over_mean_count": best[1]}
+            elif name == "item_knn":
+                src = ItemKNNSource().fit(inter)
+            elif name == "transitions":
+                src = TransitionSource(seed=t.seed).fit(inter)
+            else:
+                raise ValueError(f"unknown source {name!r}")
+        except ValueError as exc:
+            report.metrics.setdefault("sources_skipped", {})[name] = str(exc)
+            continue
+        fitted.append(src)
+    report.metrics["sources"] = {"fitted": [s.name for s in fitted], **info}
+    return SourceSet(fitted, seg_column, seg_vocab)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    k_eff = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+    s = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -s), axis=1) if s.size else np.zeros_like(part)
+    top = np.take_along_axis(part, order, axis=1)
+    return np.where(np.isfinite(np.take_along_axis(s, order, axis=1)), top, -1)
+
+
+def _answer(users: np.ndarray, targets: pd.DataFrame) -> Relevance:
+    q = pd.Index(users).get_indexer(targets["user"].to_numpy())
+    m = q >= 0
+    return Relevance.from_pairs(len(users), q[m], targets["product"].to_numpy()[m], targets["grade"].to_numpy()[m])
+
+
+def _split_customers(users: np.ndarray, max_ranker: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation customers -> (ranker customers, guard customers), seeded."""
+    rng = np.random.default_rng(seed + 1)
+    perm = rng.permutation(users)
+    n_guard = min(MAX_GUARD_CUSTOMERS, max(1, int(len(users) * GUARD_SHARE)))
+    guard, rank = np.sort(perm[:n_guard]), np.sort(perm[n_guard : n_guard + max_ranker])
+    return rank, guard
+
+
+def _allowed_new(rules: ProductRules, model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot,
+                 users: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Allowed products that are new to the customer: rules passed, not held, no positive before the cutoff."""
+    ok = allowed_mask(rules, snap, users, builder.ds.n_products)
+    had = model.positives(builder, snap).matrix[users]
+    ok[had.nonzero()] = False
+    return ok
+
+
+def _guard(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, allowed: np.ndarray,
+           targets: pd.DataFrame, report: TrainingReport, progress: bool) -> str:  # fmt: skip
+    """Score popularity, each source, the two-tower and the stack on held-out customers; the best serves."""
+    history = builder.history(snap.cutoff, int(model.config.get("history_length", 20)))
+    methods = ["popularity"] if model.sources is None else [*model.sources_at(builder, snap).names]  # type: ignore[union-attr]
+    if "popularity" not in methods:
+        methods.insert(0, "popularity")
+    if model.retriever is not None:
+        methods.append("two_tower")
+    if model.ranker is not None:
+        methods.append("stack")
+    rel = _answer(users, targets)
+    ranked: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for start in tqdm(range(0, len(users), BLOCK), desc="validating", unit="block", disable=not progress):
+        bu, ba = users[start : start + BLOCK], allowed[start : start + BLOCK]
+        for m in methods:
+            ranked[m].append(model.recommend(builder, snap, bu, ba, GUARD_K, history, serve=m).items)
+    table: dict[str, dict[str, float]] = {}
+    for m in methods:
+        r = evaluate_rankings(np.vstack(ranked[m]), rel, builder.ds.n_products, k=GUARD_K, recall_ks=(GUARD_K,))
+        table[m] = {name: float(np.nanmean(v)) for name, v in r.items()
+                    if isinstance(v, np.ndarray) and np.isfinite(v).any()}  # fmt: skip
+    key = f"ndcg@{GUARD_K}"
+    # The best on validation serves; on a tie the simpler one (methods are listed simplest first).
+    best = max(methods, key=lambda m: (round(table[m].get(key, 0.0), 6), -methods.index(m)))
+    report.validation["table"] = table
+    report.validation["customers"] = int(len(users))
+    report.validation["metric"] = key
+    report.validation["serves"] = best
+    report.validation["popularity"] = table["popularity"].get(key, 0.0)
+    return best
+
+
+def validation_lines(v: dict[str, Any]) -> list[str]:
+    """The selection guard's table as text lines (what ``finrec train`` prints), best first."""
+    if not v.get("table"):
+        return []
+    key = v["metric"]
+    lines = [f"validation ({v.get('plan', {}).get('kind', 'temporal')}, {v['customers']} customers): {key}"]
+    for m, row in sorted(v["table"].items(), key=lambda kv: -kv[1].get(key, 0.0)):
+        mark = "  <- serves" if m == v["serves"] else ""
+        lines.append(f"  {m:<28} {row.get(key, float('nan')):.4f}   map@{GUARD_K} {row.get(f'map@{GUARD_K}', 0):.4f}"
+                     f"   recall@{GUARD_K} {row.get(f'recall@{GUARD_K}', 0):.4f}{mark}")  # fmt: skip
+    return lines
+
+
+def _refit_sources(model: TwoStageModel, ds: Dataset) -> None:
+    """Sources refitted on every event: what batch scoring and the API use."""
+    if model.sources is None:
+        return
+    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_products, model.config["grades"],
+                                     int(model.config["min_grade"]))  # fmt: skip
+    model.sources = model.sources.refit(inter, model.sources.segment_codes(ds.users))
+    model.config["sources_cutoff"] = int(inter.cutoff)
+    model.config["sources_events"] = int(len(ds.events))
+
+
+# -- with impressions --------------------------------------------------------------------------------
+def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
+                            progress: bool) -> tuple[TwoStageModel, TrainingReport]:  # fmt: skip
+    t = settings.train
+    grades = dict(settings.events.grades)
+    split = TemporalSplit.plan(*ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)
+    report = TrainingReport(split)
+    report.validation["plan"] = {"kind": "temporal", "reason": "logged impressions: the ranker learns from what "
+                                 "was shown in the window before the held-out one"}  # fmt: skip
+    builder = FeatureBuilder(ds, settings.protected_attributes)
+    rules = rules_for(ds, settings)
+    clock = time.perf_counter()
+    rank_snap = builder.snapshot(split.rank_cutoff)
+    space = FeatureSpace.fit(rank_snap)
+    retriever = None
+    if t.model == "two_stage":
+        retriever = _fit_two_tower(builder, split, space, settings, report, progress)
+    else:
         report.fallbacks.append("retrieval: [train] model = popularity; candidates come from popularity among "
                                 "allowed products")  # fmt: skip
-    else:
-        report.fallbacks.append(
-            f"retrieval: only {n_pairs} positive pairs in the retrieval windows (need {MIN_RETRIEVAL_PAIRS}); "
-            "candidates come from popularity among allowed products"
-        )
     report.seconds["retrieval"] = time.perf_counter() - clock
 
-    # 2. Approval odds from decided applications before the ranker cutoff.
     clock = time.perf_counter()
     ev = ds.events.before(split.rank_cutoff)
-    decided = (ev.etype == ETYPE["approve"]) | (ev.etype == ETYPE["decline"])
-    pair_columns = [*_pair_columns(builder, rank_snap), *PAIR_COLUMNS_EXTRA]
     popularity = np.log1p(np.bincount(ev.product[ev.etype >= ETYPE["click"]], minlength=ds.n_products)).astype(float)
-    model = TwoStageModel(space, ds.products["product_id"].astype(str).tolist(), retriever, None, None, pair_columns,
-                          popularity, {"n_candidates": t.n_candidates, "demote_below": t.demote_below,
-                                       "index": t.index, "history_length": t.history_length,
-                                       "split": split.to_dict()})  # fmt: skip
-    approval = None
-    if decided.any():
-        du, dp = ev.user[decided].astype(np.int64), ev.product[decided].astype(np.int64)
-        y = (ev.etype[decided] == ETYPE["approve"]).astype(int)
-        X, names = model.tabular(builder, rank_snap, du, dp, np.zeros(len(du)), np.zeros(len(du)))
-        cols = model.approval_features(names)
-        approval = ApprovalModel(ApprovalConfig(seed=t.seed)).fit(
-            X[:, cols],
-            y,
-            [names[i] for i in cols],
-            categorical=[n for n in ("product_category",) if n in names],
-            time_order=ev.ts[decided],
-        )
-        report.metrics["approval"] = {"applications": int(len(y)), **approval.report_}
-        if approval.fallback_reason_:
-            report.fallbacks.append(f"approval odds: {approval.fallback_reason_}")
-    else:
-        report.fallbacks.append("approval odds: no approve/decline events; approval odds are not used")
-    model.approval = approval
+    base_columns = [*_pair_columns(builder, rank_snap), *PAIR_COLUMNS_EXTRA]
+    model = _new_model(ds, settings, space, retriever, base_columns, popularity, split)
+    # Validation customers: new positives in the ranker window; a part of them chooses what serves.
+    labels = builder.labels(split.rank_cutoff, split.eval_cutoff, grades)
+    new = labels[labels["grade"] >= t.retrieval_min_grade]
+    had = model.positives(builder, rank_snap).matrix
+    new = new[np.asarray(had[new["user"].to_numpy(), new["product"].to_numpy()]).ravel() == 0]
+    shown_users = builder.shown(split.rank_cutoff, split.eval_cutoff)["user"].to_numpy()
+    q_all = np.unique(np.concatenate([labels["user"].to_numpy(), shown_users]))
+    guard_users = np.empty(0, np.int64)
+    if t.model == "two_stage" and len(np.unique(new["user"])) >= 2 * MIN_RANKER_QUERIES:
+        _, guard_users = _split_customers(np.unique(new["user"].to_numpy()), 0, t.seed)
+    if t.model == "two_stage":
+        inter = model.positives(builder, rank_snap)
+        tune_users = np.setdiff1d(np.unique(new["user"].to_numpy()), guard_users)[:MAX_TUNE_CUSTOMERS]
+        tune = None
+        if len(tune_users):
+            tune = (tune_users, _answer(tune_users, new), _allowed_new(rules, model, builder, rank_snap, tune_users))
+        sources = _fit_sources(ds, inter, settings, report, tune)
+        if sources.sources:
+            model.sources = sources
+            model.pair_columns = [*base_columns, *feature_names(sources.names)]
+            model.set_sources(rank_snap, sources)
+    report.seconds["sources"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    _fit_approval(model, builder, rank_snap, settings, report)
     report.seconds["approval"] = time.perf_counter() - clock
 
-    # 3. Ranker on the ranker window.
+    # Ranker on the ranker window: what each (non-guard) customer was shown.
     clock = time.perf_counter()
-    labels = builder.labels(split.rank_cutoff, split.eval_cutoff, grades)
     labels = labels[labels["grade"] >= t.ranker_min_grade]
     shown = builder.shown(split.rank_cutoff, split.eval_cutoff)
-    q_users = np.unique(np.concatenate([labels["user"].to_numpy(), shown["user"].to_numpy()]))
+    q_users = np.setdiff1d(q_all, guard_users)
     rng = np.random.default_rng(t.seed)
     if len(q_users) > t.max_ranker_queries:
         q_users = np.sort(rng.choice(q_users, t.max_ranker_queries, replace=False))
+    rank_history = builder.history(split.rank_cutoff, t.history_length)
     ranker = None
     if t.model == "two_stage" and len(q_users) >= MIN_RANKER_QUERIES:
         allowed = allowed_mask(rules, rank_snap, q_users, ds.n_products)
@@ -200,20 +471,16 @@ def train_two_stage(
             )
         else:
             lab = labels[labels["grade"] >= t.retrieval_min_grade]
-            X, y, qid, pos, names = _retrieved_rows(
+            X, y, qid, pos, names = _candidate_rows(
                 model, builder, rank_snap, q_users, allowed, rank_history, lab, t.n_candidates, t.ranker_negatives, rng
             )
         keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1  # queries with something to rank
         if pd.unique(qid[keep]).size >= MIN_RANKER_QUERIES:
             position = pos[keep] if t.position_debias and (pos[keep] > 0).any() else None
             ranker = Ranker(RankerConfig(seed=t.seed)).fit(
-                X[keep], y[keep], qid[keep], names, space.tabular_names(pair_columns)[1], position=position
+                X[keep], y[keep], qid[keep], names, space.tabular_names(model.pair_columns)[1], position=position
             )
-            report.metrics["ranker"] = {
-                "queries": int(ranker.n_queries_), "rows": int(keep.sum()),
-                "validation_ndcg@10": ranker.validation_ndcg_, "trees": ranker.best_iteration_,
-                "top_features": dict(list(ranker.feature_importance().items())[:10]),
-            }  # fmt: skip
+            report.metrics["ranker"] = _ranker_metrics(ranker, int(keep.sum()), rows="shown")
     if ranker is None and t.model == "popularity":
         report.fallbacks.append("ranker: [train] model = popularity; products are ordered by popularity")
     elif ranker is None:
@@ -221,7 +488,110 @@ def train_two_stage(
                                 "window; products are ordered by retrieval score")  # fmt: skip
     model.ranker = ranker
     report.seconds["ranker"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    if len(guard_users) and t.model == "two_stage":
+        allowed = _allowed_new(rules, model, builder, rank_snap, guard_users)
+        model.serve = _guard(model, builder, rank_snap, guard_users, allowed, new, report, progress)
+    _refit_sources(model, ds)
+    report.seconds["validation_and_refit"] = time.perf_counter() - clock
     return model, report
+
+
+# -- without impressions -------------------------------------------------------------------------------
+def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
+                               progress: bool) -> tuple[TwoStageModel, TrainingReport]:  # fmt: skip
+    t = settings.train
+    grades = dict(settings.events.grades)
+    clock = time.perf_counter()
+    plan = ValidationPlan.choose(ds, grades, t.retrieval_min_grade, t.validation, t.seed)
+    split = TemporalSplit.plan(*ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)
+    report = TrainingReport(split)
+    report.validation["plan"] = plan.to_dict()
+    vds = replace(ds, events=ds.events.select(plan.keep))
+    builder = FeatureBuilder(vds, settings.protected_attributes)
+    rules = rules_for(ds, settings)
+    snap = builder.snapshot(plan.cutoff)
+    space = FeatureSpace.fit(snap)
+    retriever = None
+    if plan.kind == "temporal" and plan.cutoff - ds.time_range[0] > 1:
+        inner = TemporalSplit.plan(ds.time_range[0], plan.cutoff - 1, t.eval_days, t.label_days,
+                                   t.max_retrieval_windows)  # fmt: skip
+        retriever = _fit_two_tower(builder, inner, space, settings, report, progress)
+    else:
+        report.fallbacks.append("retrieval: two-tower not trained (it learns from time windows; this data's "
+                                "validation is a holdout); candidates come from the other sources")  # fmt: skip
+    report.seconds["retrieval"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    ev = vds.events.before(plan.cutoff)
+    popularity = np.log1p(np.bincount(ev.product[ev.etype >= ETYPE["click"]], minlength=ds.n_products)).astype(float)
+    base_columns = [*_pair_columns(builder, snap), *PAIR_COLUMNS_EXTRA]
+    model = _new_model(ds, settings, space, retriever, base_columns, popularity, split)
+    users = np.unique(plan.targets["user"].to_numpy())
+    rank_users, guard_users = _split_customers(users, t.max_ranker_queries, t.seed)
+    inter = model.positives(builder, snap)
+    tune_users = rank_users[:MAX_TUNE_CUSTOMERS]
+    tune = (tune_users, _answer(tune_users, plan.targets), _allowed_new(rules, model, builder, snap, tune_users))
+    sources = _fit_sources(ds, inter, settings, report, tune if len(tune_users) else None)
+    if sources.sources:
+        model.sources = sources
+        model.pair_columns = [*base_columns, *feature_names(sources.names)]
+        model.set_sources(snap, sources)
+    report.seconds["sources"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    _fit_approval(model, builder, snap, settings, report)
+    report.seconds["approval"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    history = builder.history(snap.cutoff, t.history_length)
+    rng = np.random.default_rng(t.seed)
+    ranker = None
+    rows = None
+    if len(rank_users) >= MIN_RANKER_QUERIES and model.sources is not None:
+        allowed = _allowed_new(rules, model, builder, snap, rank_users)
+        rows = _candidate_rows(model, builder, snap, rank_users, allowed, history, plan.targets, t.n_candidates,
+                               t.ranker_negatives, rng)  # fmt: skip
+        X, y, qid, _, names = rows
+        keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1
+        if pd.unique(qid[keep]).size >= MIN_RANKER_QUERIES:
+            ranker = Ranker(RankerConfig(seed=t.seed)).fit(
+                X[keep], y[keep], qid[keep], names, space.tabular_names(model.pair_columns)[1]
+            )
+            report.metrics["ranker"] = _ranker_metrics(ranker, int(keep.sum()), rows="candidates")
+    if ranker is None:
+        report.fallbacks.append(f"ranker: fewer than {MIN_RANKER_QUERIES} validation customers with a positive among "
+                                "the candidates; the best single source serves")  # fmt: skip
+    model.ranker = ranker
+    report.seconds["ranker"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    if len(guard_users):
+        g_allowed = _allowed_new(rules, model, builder, snap, guard_users)
+        model.serve = _guard(model, builder, snap, guard_users, g_allowed, plan.targets, report, progress)
+    # Refit: the ranker on every validation customer with the trees chosen, the sources on all the data.
+    if ranker is not None and rows is not None and len(guard_users):
+        allowed = _allowed_new(rules, model, builder, snap, guard_users)
+        g_rows = _candidate_rows(model, builder, snap, guard_users, allowed, history, plan.targets, t.n_candidates,
+                                 t.ranker_negatives, rng)  # fmt: skip
+        X = np.vstack([rows[0], g_rows[0]])
+        y = np.concatenate([rows[1], g_rows[1]])
+        qid = np.concatenate([rows[2], g_rows[2] + len(rank_users)])
+        keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1
+        cfg = RankerConfig(seed=t.seed, n_estimators=max(ranker.best_iteration_, 1), validation_fraction=0.0)
+        model.ranker = Ranker(cfg).fit(X[keep], y[keep], qid[keep], rows[4],
+                                       space.tabular_names(model.pair_columns)[1])  # fmt: skip
+        model.ranker.validation_ndcg_ = ranker.validation_ndcg_
+    _refit_sources(model, ds)
+    report.seconds["validation_and_refit"] = time.perf_counter() - clock
+    return model, report
+
+
+def _ranker_metrics(ranker: Ranker, n_rows: int, rows: str) -> dict[str, Any]:
+    return {"queries": int(ranker.n_queries_), "rows": n_rows, "row_kind": rows,
+            "validation_ndcg@10": ranker.validation_ndcg_, "trees": ranker.best_iteration_,
+            "top_features": dict(list(ranker.feature_importance().items())[:10])}  # fmt: skip
 
 
 def _pair_columns(builder: FeatureBuilder, snap: Snapshot) -> list[str]:
@@ -261,32 +631,55 @@ def _ranker_rows(
         score[m] = s[q[m] - start, items[m]]
         rank[m] = r[q[m] - start, items[m]]
     score = np.where(np.isfinite(score), score, np.nan)  # shown but not allowed now (e.g. held since)
-    X, names = model.tabular(builder, snap, users[q], items, score, rank.astype(np.float64))
+    extra: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(users), BLOCK):
+        m = (q >= start) & (q < start + BLOCK)
+        block = users[start : start + BLOCK]
+        src = model.source_scores(builder, snap, block)
+        for c, v in SourceSet.features(src, allowed[start : start + BLOCK], q[m] - start, items[m]).items():
+            extra.setdefault(c, []).append(v)
+    X, names = model.tabular(builder, snap, users[q], items, score, rank.astype(np.float64),
+                             {c: np.concatenate(v) for c, v in extra.items()})  # fmt: skip
     return X, rows["grade"].to_numpy(np.int32), q, rows["position"].to_numpy(np.int64), names
 
 
-def _retrieved_rows(
+def _candidate_rows(
     model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, allowed: np.ndarray,
     history: np.ndarray, labels: pd.DataFrame, n_candidates: int, negatives: int, rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:  # fmt: skip
-    """The retriever's top candidates per customer with their grade in the window (unshown = 0).
+    """Every source's candidates per customer with their grade in ``labels`` (0: no positive), as served.
 
-    Only retrieved candidates are used, as at serving time (adding missed positives would make
-    "not retrieved" a marker of "engaged"); unlabelled ones are sampled down to ``negatives``.
+    Only candidates are used, as at serving time (adding missed positives would make "not a
+    candidate" a marker of "engaged"); unlabelled ones are sampled down to ``negatives``.
     """
-    ret_s, ret_i = model.retrieve(builder, snap, users, allowed, n_candidates, history)
-    n, c = ret_i.shape
-    rows = pd.DataFrame({"q": np.repeat(np.arange(n), c), "product": ret_i.ravel(), "score": ret_s.ravel(),
-                         "rank": np.tile(np.arange(1, c + 1), n).astype(float)})  # fmt: skip
-    rows = rows[rows["product"] >= 0]
     grade = labels.assign(q=pd.Index(users).get_indexer(labels["user"].to_numpy()))
-    rows = rows.merge(grade[["q", "product", "grade"]], on=["q", "product"], how="left")
-    rows["grade"] = rows["grade"].fillna(0)
-    unlabelled = rows["grade"] == 0
-    draw = pd.Series(rng.random(len(rows)), index=rows.index).where(unlabelled)
-    rows = rows[~unlabelled | (draw.groupby(rows["q"]).rank(method="first") <= negatives)]
-    q, items = rows["q"].to_numpy(), rows["product"].to_numpy(np.int64)
-    X, names = model.tabular(
-        builder, snap, users[q], items, rows["score"].to_numpy(np.float64), rows["rank"].to_numpy()
-    )
-    return X, rows["grade"].to_numpy(np.int32), q, np.zeros(len(q), dtype=np.int64), names
+    grade = grade[grade["q"] >= 0]
+    parts_x, parts_y, parts_q = [], [], []
+    names: list[str] = []
+    for start in range(0, len(users), BLOCK):
+        bu, ba = users[start : start + BLOCK], allowed[start : start + BLOCK]
+        src = model.source_scores(builder, snap, bu)
+        _, ret_i = model.retrieve(builder, snap, bu, ba, n_candidates, history)
+        per = model.source_candidates(n_candidates)
+        cand = SourceSet.candidates(src, ba, per) if src else [r[r >= 0] for r in ret_i]
+        if src and model.retriever is not None:
+            cand = [np.union1d(c, r[r >= 0]) for c, r in zip(cand, ret_i, strict=True)]
+        rows = pd.DataFrame({"q": np.repeat(np.arange(len(bu)), [len(c) for c in cand]) + start,
+                             "product": np.concatenate(cand) if cand else np.empty(0, np.int64)})  # fmt: skip
+        rows = rows.merge(grade[["q", "product", "grade"]], on=["q", "product"], how="left")
+        rows["grade"] = rows["grade"].fillna(0).astype(np.int32)
+        unlabelled = rows["grade"] == 0
+        draw = pd.Series(rng.random(len(rows)), index=rows.index).where(unlabelled)
+        rows = rows[~unlabelled | (draw.groupby(rows["q"]).rank(method="first") <= negatives)]
+        q, items = rows["q"].to_numpy() - start, rows["product"].to_numpy(np.int64)
+        full = np.where(ba, model.full_scores(builder, snap, bu, history), -np.inf)
+        rank_all = ranks_among(full, ba)
+        extra = SourceSet.features(src, ba, q, items) if src else {}
+        score = np.where(np.isfinite(full[q, items]), full[q, items], np.nan)
+        X, names = model.tabular(builder, snap, bu[q], items, score, rank_all[q, items].astype(np.float64), extra)
+        parts_x.append(X)
+        parts_y.append(rows["grade"].to_numpy(np.int32))
+        parts_q.append(q + start)
+    X = np.vstack(parts_x) if parts_x else np.zeros((0, len(names)))
+    qid = np.concatenate(parts_q) if parts_q else np.empty(0, np.int64)
+    return X, np.concatenate(parts_y), qid, np.zeros(len(qid), dtype=np.int64), names
