@@ -46,6 +46,8 @@ USER_PROFILE_NUMERIC = ("age", "income", "credit_score", "risk_tolerance", "mark
 USER_PROFILE_CATEGORICAL = ("region", "employment_status")
 PRODUCT_NUMERIC = ("risk_level", "apr", "apy", "annual_fee", "min_credit_score", "min_income", "min_age", "max_age")
 PRODUCT_CATEGORICAL = ("category", "provider")
+#: Most categories that get their own customer columns (holds_<category>, affinity_<category>).
+MAX_CATEGORY_COLUMNS = 30
 _NOT_FEATURES = {"user_id", "product_id", "name", "signup_date", "launch_date", "regions"}
 
 
@@ -167,16 +169,17 @@ class FeatureBuilder:
         users["n_held"] = n_held.astype(np.float64)
         u_num.append("n_held")
         n_cat = len(self.category_names)
-        if n_cat:
+        affinity = self._category_affinity(cutoff, n_cat)
+        # One holding and one affinity column per category, for catalogues with a handful of categories. With
+        # hundreds (a retailer's product subclasses) they would swamp the customer's features; the pair
+        # features (affinity with and holding of the candidate's own category) carry that signal for any number.
+        if 0 < n_cat <= MAX_CATEGORY_COLUMNS:
             hc = np.zeros((ds.n_users, n_cat), dtype=np.float64)
             hc[held["user"].to_numpy(), self.category_codes[held["product"].to_numpy()]] = 1.0
-            for j, name in enumerate(self.category_names):
-                users[f"holds_{name}"] = hc[:, j]
-                u_num.append(f"holds_{name}")
-        affinity = self._category_affinity(cutoff, n_cat)
-        for j, name in enumerate(self.category_names):
-            users[f"affinity_{name}"] = affinity[:, j]
-            u_num.append(f"affinity_{name}")
+            per_cat = {f"holds_{name}": hc[:, j] for j, name in enumerate(self.category_names)}
+            per_cat |= {f"affinity_{name}": affinity[:, j] for j, name in enumerate(self.category_names)}
+            users = pd.concat([users, pd.DataFrame(per_cat, index=users.index)], axis=1)
+            u_num.extend(per_cat)
 
         products, p_num, p_cat = _columns_as_features(ds.products, _NOT_FEATURES)
         if "regions" in ds.products.columns:
