@@ -50,7 +50,7 @@ def main() -> None:
     builder = FeatureBuilder(ds, settings.protected_attributes)
     cutoff = ds.time_range[1] + 1
     snap = builder.snapshot(cutoff)
-    history = builder.history(cutoff, int(model.config.get("history_length", 20)))
+    history = builder.history(cutoff, model.config.history_length)
     rng = np.random.default_rng(0)
     users = np.sort(rng.choice(ds.n_users, min(args.users, ds.n_users), replace=False))
     q = model.user_embeddings(builder, snap, users, history)

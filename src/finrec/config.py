@@ -119,7 +119,7 @@ class TrainSettings(_Section):
         "in the bundle's manifest.",
     )
     sources: list[Literal["popularity", "recent", "additions", "segment", "item_cf", "transitions"]] = Field(
-        default_factory=lambda: ["popularity", "recent", "additions", "segment", "item_cf", "transitions"],
+        default_factory=lambda: ["popularity", "recent", "additions", "segment", "item_cf", "transitions"],  # type: ignore[arg-type]
         description="Candidate sources besides the two-tower: `popularity` (all time), `recent` (last 90 days), "
         "`additions` (what customers add to what they have), `segment` (popularity within the best categorical "
         "customer column), `item_cf` (EASE up to `max_ease_products` products, cosine item-kNN above), "

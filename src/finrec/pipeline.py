@@ -131,7 +131,7 @@ def recommend(
     builder = FeatureBuilder(ds, settings.protected_attributes)
     cutoff = ds.time_range[1] + 1
     snap = builder.snapshot(cutoff)
-    history = builder.history(cutoff, int(model.config.get("history_length", 20)))
+    history = builder.history(cutoff, model.config.history_length)
     rules = rules_for(ds, settings)
     rows = ds.user_rows(ids)
     known = rows >= 0
@@ -171,8 +171,7 @@ def recommend(
     pid = ds.products["product_id"].to_numpy()
     frame.insert(2, "product_id", pid[frame.pop("item").to_numpy(np.int64)])
     for col in ("user_id", "product_id"):
-        if len(frame) and frame[col].astype(str).str.fullmatch(r"-?\d+").all():
-            frame[col] = frame[col].astype(np.int64)
+        frame[col] = ids_for_output(frame[col])
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     if suffix == ".csv":
@@ -182,6 +181,20 @@ def recommend(
     tmp.replace(output)
     return {"users": len(ids), "unknown_users": len(unknown_ids), "rows": len(frame),
             "model_version": manifest["metrics"].get("model_version"), "output": str(output)}  # fmt: skip
+
+
+def ids_for_output(ids: pd.Series) -> pd.Series:
+    """Ids as written by ``finrec recommend``: integers when every id reads back the same as an integer, else text.
+
+    Ids are text in the contract, so "00001069" stays "00001069" (an integer column would drop its zeros).
+
+    >>> ids_for_output(pd.Series(["12", "7"])).tolist(), ids_for_output(pd.Series(["00012", "7"])).tolist()
+    ([12, 7], ['00012', '7'])
+    """
+    text = ids.astype(str)
+    if len(text) and text.str.fullmatch(r"-?(0|[1-9]\d{0,17})").all():
+        return text.astype(np.int64)
+    return text
 
 
 def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings, ground_truth: Path | None = None,

@@ -72,7 +72,7 @@ def test_served_answers_are_the_offline_models_answers(served: ServingModel) -> 
     users = np.arange(0, data.n_users, 7)
     allowed = allowed_mask(data.rules, data.snap, users, data.n_products)
     offline = model.recommend(data.builder, data.snap, users, allowed, 10,
-                              data.history(int(model.config.get("history_length", 20))))  # fmt: skip
+                              data.history(model.config.history_length))  # fmt: skip
     same = 0
     names, _ = model.space.tabular_names(model.pair_columns)
     assert any(n.startswith("src_") for n in names), "the bundle's ranker should read the candidate sources"
@@ -316,7 +316,7 @@ def test_live_events_change_features_as_the_offline_builder_would(tiny_world: Pa
     np.testing.assert_array_equal(online[:, exact], offline[:, exact])
     np.testing.assert_allclose(online[:, timely], offline[:, timely], atol=1e-3)
 
-    length = int(model.config.get("history_length", 20))
+    length = model.config.history_length
     hist = builder2.history(now, length)[[u]]
     mapped = np.where(hist >= 0, served.train_rows[np.maximum(hist, 0)], -1)
     expected_emb = model.retriever.user_embeddings(model.space.user_dense(snap2)[[u]], mapped)[0]

@@ -219,7 +219,7 @@ def test_saved_bundle_recommends_exactly_like_the_in_memory_model(trained: dict[
     fb = FeatureBuilder(small_ds, s.protected_attributes)
     cutoff = small_ds.time_range[1] + 1
     snap = fb.snapshot(cutoff)
-    history = fb.history(cutoff, int(memory.config["history_length"]))
+    history = fb.history(cutoff, memory.config.history_length)
     users = np.arange(0, small_ds.n_users, 7)
     allowed = allowed_mask(rules_for(small_ds, s), snap, users, small_ds.n_products)
     a = memory.recommend(fb, snap, users, allowed, 10, history)
@@ -517,7 +517,7 @@ def test_ann_index_setting_is_used_and_close_to_exact(small_world: Path, tmp_pat
     s = FinrecSettings(train={"index": "hnsw"})
     pipeline.train(small_world, tmp_path / "m", s, progress=False)
     model = TwoStageModel.load(tmp_path / "m")
-    assert model.config["index"] == "hnsw"
+    assert model.config.index == "hnsw"
     ds = load_dataset(small_world)
     fb = FeatureBuilder(ds, s.protected_attributes)
     cut = ds.time_range[1] + 1

@@ -235,7 +235,7 @@ def test_training_writes_a_checksummed_reference_of_what_the_model_serves(tiny_m
     np.testing.assert_allclose(sample.values, again.values, rtol=1e-5, atol=1e-6)
     builder = FeatureBuilder(ds, settings.protected_attributes)
     snap = builder.snapshot(ref.cutoff)
-    history = builder.history(ref.cutoff, int(model.config["history_length"]))
+    history = builder.history(ref.cutoff, model.config.history_length)
     users = sample_customers(ds, ref.cutoff, 50, seed=3)
     rec = model.recommend(builder, snap, users, allowed_mask(rules_for(ds, settings), snap, users, ds.n_products), 5,
                           history)  # fmt: skip

@@ -68,7 +68,7 @@ def save_arrays(directory: Path, kind: str, params: dict[str, Any], arrays: dict
                 info: dict[str, Any] | None = None) -> None:  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "source.json").write_text(json.dumps({"kind": kind, "params": params, "info": info or {}}))
-    np.savez(directory / "source.npz", **arrays)
+    np.savez(directory / "source.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
 
 
 def load_arrays(directory: Path) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:

@@ -148,11 +148,10 @@ class SourceSet:
     # -- persistence -------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        index = {"sources": [{"name": s.name, "kind": s.kind, "dir": f"{i:02d}_{s.name}"}
-                             for i, s in enumerate(self.sources)],
-                 "segment_column": self.segment_column, "segment_vocab": self.segment_vocab}  # fmt: skip
-        for s, entry in zip(self.sources, index["sources"], strict=True):  # type: ignore[arg-type]
+        entries = [{"name": s.name, "kind": s.kind, "dir": f"{i:02d}_{s.name}"} for i, s in enumerate(self.sources)]
+        for s, entry in zip(self.sources, entries, strict=True):
             s.save(directory / entry["dir"])
+        index = {"sources": entries, "segment_column": self.segment_column, "segment_vocab": self.segment_vocab}
         (directory / "sources.json").write_text(json.dumps(index, indent=1))
 
     @classmethod

@@ -86,12 +86,12 @@ def evaluate_model(
     e, t = settings.evaluate, settings.train
     t0 = time.perf_counter()
     if split is None:
-        split = TemporalSplit(**model.config["split"]) if "split" in model.config else TemporalSplit.plan(
+        split = TemporalSplit(**model.config.split) if model.config.split is not None else TemporalSplit.plan(
             *ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)  # fmt: skip
     builder = FeatureBuilder(ds, settings.protected_attributes)
     rules = rules_for(ds, settings)
     snap = builder.snapshot(split.eval_cutoff)
-    history = builder.history(split.eval_cutoff, int(model.config.get("history_length", t.history_length)))
+    history = builder.history(split.eval_cutoff, model.config.history_length)
     labels = builder.labels(split.eval_cutoff, split.end, dict(settings.events.grades))
     labels = labels[labels["grade"] >= e.min_grade]
     held = set(zip(snap.held["user"].to_numpy(), snap.held["product"].to_numpy(), strict=True))
@@ -108,7 +108,7 @@ def evaluate_model(
         len(users), qpos[keep], labels["product"].to_numpy()[keep], labels["grade"].to_numpy()[keep]
     )
 
-    n_cand = int(model.config.get("n_candidates", t.n_candidates))
+    n_cand = model.config.n_candidates
     k = e.k
     ev_before = ds.events.before(split.eval_cutoff)
     engaged = ev_before.etype >= ETYPE["click"]

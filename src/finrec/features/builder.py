@@ -8,7 +8,8 @@ Arrow table; the result is a pandas frame per entity, one row per dense index.
 * user: profile (well-known and extra columns, minus protected attributes),
   behaviour counts over 30/90/365 days, recency, holdings, category affinity;
 * product: attributes, rule values, age since launch, demand and smoothed
-  conversion over 90 days and all history, current holders;
+  conversion over 90 days and all history (all-history counts as log shares of the
+  catalogue's total, so they keep their scale as history grows), share of holders;
 * pair: eligibility margins (credit, income, age), risk gap, affinity with the
   product's category, whether the customer holds the category or the provider,
   and the customer's history with this very product.
@@ -206,7 +207,9 @@ class FeatureBuilder:
         for c in demand.columns:
             products[c] = demand[c].to_numpy()
             p_num.append(c)
-        products["holders"] = np.bincount(held["product"].to_numpy(), minlength=ds.n_products).astype(np.float64)
+        # Share of the customers holding anything (a count would grow with the customer base).
+        holders = np.bincount(held["product"].to_numpy(), minlength=ds.n_products).astype(np.float64)
+        products["holders"] = holders / max(1, int((n_held > 0).sum()))
         p_num.append("holders")
         return Snapshot(
             cutoff=cutoff,
@@ -283,10 +286,16 @@ class FeatureBuilder:
         app0 = (raw["app"].sum() + 1) / (raw["clk"].sum() + 4)
         apr0 = (raw["apr"].sum() + 1) / (raw["apr"].sum() + raw["dec"].sum() + 2)
         out = pd.DataFrame(index=pd.RangeIndex(n))
-        out["impressions"] = np.log1p(raw["imp"])
-        out["clicks"] = np.log1p(raw["clk"])
-        out["applications"] = np.log1p(raw["app"])
-        out["approvals"] = np.log1p(raw["apr"])
+        # All-history counts grow with the length of the history, so a model trained at one cutoff and served
+        # at a later one would read them on another scale: they are log shares of the catalogue's total (a
+        # product's place in the catalogue, the same at any cutoff). Windowed counts keep their scale.
+        def share(c: np.ndarray) -> np.ndarray:
+            return np.log((c + 1.0) / (c.sum() + n))
+
+        out["impressions"] = share(raw["imp"])
+        out["clicks"] = share(raw["clk"])
+        out["applications"] = share(raw["app"])
+        out["approvals"] = share(raw["apr"])
         out["impressions_90d"] = np.log1p(raw["imp90"])
         out["engaged_90d"] = np.log1p(raw["eng90"])
         out["ctr"] = (raw["clk"] + 50 * ctr0) / (raw["imp"] + 50)

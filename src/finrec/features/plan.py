@@ -47,6 +47,16 @@ class ValidationPlan:
     def n_customers(self) -> int:
         return int(self.targets["user"].nunique()) if len(self.targets) else 0
 
+    def earlier(self, ds: Dataset, grades: dict[str, int], min_grade: int) -> ValidationPlan | None:
+        """A temporal plan inside this one's learning part (before its cutoff): where a ranker can learn, so
+        that this plan's later window judges it forward in time. None when there is not enough signal."""
+        if self.kind != "temporal":
+            return None
+        plan = _temporal(ds, grades, min_grade, end=self.cutoff)
+        if plan is None or plan.n_customers < MIN_CUSTOMERS or plan.cutoff >= self.cutoff:
+            return None
+        return plan
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "cutoff": int(self.cutoff), "customers": self.n_customers,
                 "pairs": int(len(self.targets)), "reason": self.reason}  # fmt: skip
@@ -83,9 +93,11 @@ def _best_grades(ds: Dataset, mask: np.ndarray, grades: dict[str, int]) -> pd.Da
     return df.groupby(["user", "product"], as_index=False, sort=True)["grade"].max()
 
 
-def _temporal(ds: Dataset, grades: dict[str, int], min_grade: int) -> ValidationPlan | None:
+def _temporal(ds: Dataset, grades: dict[str, int], min_grade: int, end: int | None = None) -> ValidationPlan | None:
+    """Cutoff at the 80th percentile of the positives' times before ``end``; answer: new positives up to ``end``."""
     ev = ds.events
-    pos = positive_mask(ev, grades, min_grade)
+    within = np.ones(len(ev), dtype=bool) if end is None else ev.ts < end
+    pos = positive_mask(ev, grades, min_grade) & within
     ts = ev.ts[pos]
     if not len(ts) or ts.min() == ts.max():
         return None

@@ -207,7 +207,7 @@ def sample_features(
     """
     builder = FeatureBuilder(ds, settings.protected_attributes)
     snap = builder.snapshot(cutoff)
-    history = builder.history(cutoff, int(model.config.get("history_length", 20)))
+    history = builder.history(cutoff, model.config.history_length)
     rules = rules_for(ds, settings)
     users = sample_customers(ds, cutoff, n_users, seed)
     names, categorical = model.space.tabular_names(model.pair_columns)

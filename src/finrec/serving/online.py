@@ -82,8 +82,8 @@ def live_customer(served: ServingModel, row: int, activity: list[Activity], now:
         new_total = per_cat.sum()
         affinity[:n_cat] = per_cat / max(new_total, 1)
         affinity[n_cat] = np.log1p(new_total)
-    grades = served.model.config.get("grades", {})
-    min_grade = int(served.model.config.get("min_grade", 2))
+    grades = served.model.config.grades
+    min_grade = served.model.config.min_grade
     is_pos = np.array([grades.get(t, 0) >= min_grade and t != "close" for t in types], dtype=bool)
     positives = np.unique(rows[is_pos]) if len(rows) else np.empty(0, np.int64)
     return LiveCustomer(now, np.array(sorted(held), dtype=np.int64), affinity, pair_counts, last_seen, positives)
@@ -131,7 +131,7 @@ def overlay(served: ServingModel, row: int, activity: list[Activity], now: float
                 dense[miss] = float(v != v)
     emb = None
     if served.model.retriever is not None and dense is not None:
-        length = int(served.model.config.get("history_length", 20))
+        length = served.model.config.history_length
         order = np.argsort(-ts[eng], kind="stable")
         recent = [data.product_row.get(activity[i].product_id, -1) for i in np.flatnonzero(eng)[order]]
         seq = list(dict.fromkeys([p for p in recent if p >= 0] + [int(p) for p in data.history(length)[row] if p >= 0]))

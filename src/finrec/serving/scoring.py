@@ -74,8 +74,8 @@ class ServingModel:
         self.manifest = manifest
         self.data = data
         self.version = str(manifest.get("metrics", {}).get("model_version") or "unversioned")
-        self.n_candidates = int(model.config.get("n_candidates", 100))
-        self.demote_below = float(model.config.get("demote_below", 0.2))
+        self.n_candidates = model.config.n_candidates
+        self.demote_below = model.config.demote_below
         snap, builder = data.snap, data.builder
         self.names, _ = model.space.tabular_names(model.pair_columns)
         if model.ranker is not None and model.ranker.feature_names_ != self.names:
@@ -97,8 +97,8 @@ class ServingModel:
         if model.retriever is not None:
             self.user_dense = model.space.user_dense(snap)  # kept to re-embed a customer with live events
             item_emb = model.item_embeddings(builder, snap)
-            self.index = make_index(str(model.config.get("index", "exact")), item_emb)  # type: ignore[arg-type]
-            history = data.history(int(model.config.get("history_length", 20)))
+            self.index = make_index(model.config.index, item_emb)  # type: ignore[arg-type]
+            history = data.history(model.config.history_length)
             self.user_emb = np.vstack([
                 model.user_embeddings(builder, snap, all_users[s : s + _EMBED_BLOCK], history)
                 for s in range(0, data.n_users, _EMBED_BLOCK)
@@ -126,7 +126,7 @@ class ServingModel:
         emb = None
         if self.model.retriever is not None:
             dense = self.model.space.user_dense(frame)
-            hist = np.full((1, int(self.model.config.get("history_length", 20))), -1, dtype=np.int64)
+            hist = np.full((1, self.model.config.history_length), -1, dtype=np.int64)
             emb = self.model.retriever.user_embeddings(dense, hist)[0]
         return CustomerInputs(-1, emb, tab, dict(profile))
 

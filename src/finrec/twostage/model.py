@@ -35,6 +35,7 @@ from finrec.ranking.approval import ApprovalModel
 from finrec.ranking.ranker import Ranker
 from finrec.retrieval.index import make_index
 from finrec.retrieval.two_tower import TwoTowerModel
+from finrec.twostage.bundle import BundleConfig
 
 BUNDLE_FORMAT = 1
 PAIR_COLUMNS_EXTRA = ("retrieval_score", "retrieval_rank", "approval_odds")
@@ -64,7 +65,7 @@ class TwoStageModel:
         approval: ApprovalModel | None,
         pair_columns: list[str],
         popularity: np.ndarray,
-        config: dict[str, Any],
+        config: BundleConfig,
         sources: SourceSet | None = None,
         serve: str = "stack",
     ):
@@ -109,8 +110,8 @@ class TwoStageModel:
         cache = self._snapshot_cache(snap)
         if "interactions" not in cache:
             cache["interactions"] = Interactions.from_events(
-                builder.ds.events, builder.ds.n_users, builder.ds.n_products, self.config.get("grades", {}),
-                int(self.config.get("min_grade", 2)), cutoff=snap.cutoff)  # fmt: skip
+                builder.ds.events, builder.ds.n_users, builder.ds.n_products, self.config.grades,
+                self.config.min_grade, cutoff=snap.cutoff)  # fmt: skip
         inter: Interactions = cache["interactions"]
         return inter
 
@@ -126,7 +127,7 @@ class TwoStageModel:
         cache = self._snapshot_cache(snap)
         if "sources" not in cache:
             n_before = int(np.searchsorted(builder.ds.events.ts, snap.cutoff, side="left"))
-            if snap.cutoff == self.config.get("sources_cutoff") and n_before == self.config.get("sources_events"):
+            if snap.cutoff == self.config.sources_cutoff and n_before == self.config.sources_events:
                 cache["sources"] = self.sources
             else:
                 inter = self.positives(builder, snap)
@@ -278,9 +279,9 @@ class TwoStageModel:
         default the bundle's choice. The served items' ranker rows come back with them (drift reference).
         """
         serve = serve or self.serve
-        n_candidates = n_candidates or int(self.config.get("n_candidates", 100))
-        demote_below = self.config.get("demote_below", 0.2) if demote_below is None else demote_below
-        index_kind = index_kind or str(self.config.get("index", "exact"))  # the bundle's [train] index
+        n_candidates = n_candidates or self.config.n_candidates
+        demote_below = self.config.demote_below if demote_below is None else demote_below
+        index_kind = index_kind or self.config.index  # the bundle's [train] index
         src = self.source_scores(builder, snap, users)
         n = len(users)
         if serve != "stack" and (serve in src or serve == "popularity" or self.retriever is None):
@@ -352,7 +353,7 @@ class TwoStageModel:
             "product_ids": self.product_ids,
             "pair_columns": self.pair_columns,
             "popularity": self.popularity.tolist(),
-            "config": self.config,
+            "config": self.config.to_dict(),
             "serve": self.serve,
             "stages": {
                 "sources": self.sources is not None,
@@ -393,7 +394,7 @@ class TwoStageModel:
             approval=ApprovalModel.load(directory / "approval") if stages["approval"] else None,
             pair_columns=meta["pair_columns"],
             popularity=np.asarray(meta["popularity"], dtype=np.float64),
-            config=meta["config"],
+            config=BundleConfig.from_dict(meta["config"]),
             sources=SourceSet.load(directory / "sources") if stages.get("sources") else None,
             serve=str(meta.get("serve", "stack")),
         )

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from finrec.candidates.base import CandidateSource
 from finrec.candidates.interactions import Interactions
 from finrec.candidates.item_item import MAX_EASE_PRODUCTS, EASESource, ItemKNNSource, gram
 from finrec.candidates.popularity import PopularitySource, SegmentPopularitySource
@@ -46,6 +47,7 @@ from finrec.ranking.approval import ApprovalConfig, ApprovalModel
 from finrec.ranking.ranker import Ranker, RankerConfig
 from finrec.retrieval.two_tower import TwoTowerConfig, TwoTowerModel
 from finrec.rules.eligibility import ProductRules, SuitabilityPolicy
+from finrec.twostage.bundle import BundleConfig
 from finrec.twostage.model import PAIR_COLUMNS_EXTRA, TwoStageModel
 
 MIN_RETRIEVAL_PAIRS = 50
@@ -114,10 +116,10 @@ def _new_model(ds: Dataset, settings: FinrecSettings, space: FeatureSpace, retri
                pair_columns: list[str], popularity: np.ndarray, split: TemporalSplit) -> TwoStageModel:  # fmt: skip
     t = settings.train
     return TwoStageModel(space, ds.products["product_id"].astype(str).tolist(), retriever, None, None, pair_columns,
-                         popularity, {"n_candidates": t.n_candidates, "demote_below": t.demote_below,
-                                      "index": t.index, "history_length": t.history_length,
-                                      "split": split.to_dict(), "grades": dict(settings.events.grades),
-                                      "min_grade": t.retrieval_min_grade})  # fmt: skip
+                         popularity, BundleConfig(n_candidates=t.n_candidates, demote_below=t.demote_below,
+                                                  index=t.index, history_length=t.history_length,
+                                                  split=split.to_dict(), grades=dict(settings.events.grades),
+                                                  min_grade=t.retrieval_min_grade))  # fmt: skip
 
 
 def train_two_stage(
@@ -232,73 +234,94 @@ def _source_plan(ds: Dataset, settings: FinrecSettings) -> list[str]:
     return out
 
 
+Tune = tuple[np.ndarray, Relevance, np.ndarray]  # customers, their answer, their allowed products
+
+
+def _tune_ndcg(tune: Tune, n_products: int, scores: np.ndarray) -> float:
+    """NDCG@10 of ``scores`` (rows of the tuning customers) on their answer."""
+    _, rel, allowed = tune
+    top = _top_k(np.where(allowed, scores, -np.inf), GUARD_K)
+    v = np.asarray(evaluate_rankings(top, rel, n_products, k=GUARD_K, recall_ks=(GUARD_K,))[f"ndcg@{GUARD_K}"])
+    return float(np.nanmean(v)) if np.isfinite(v).any() else 0.0
+
+
+def _fit_segment(ds: Dataset, inter: Interactions, settings: FinrecSettings, tune: Tune | None,
+                 info: dict[str, Any]) -> tuple[SegmentPopularitySource, str, list[str]]:  # fmt: skip
+    """Segment popularity on the categorical customer column that validates best."""
+    cols = SourceSet.segment_candidates(ds.users, set(settings.protected_attributes))
+    if not cols:
+        raise ValueError("no categorical customer column with 2 to 64 values")
+    best: tuple[float, str, list[str], SegmentPopularitySource] | None = None
+    for c in cols:
+        vocab = sorted(ds.users[c].dropna().astype(str).unique().tolist())
+        codes = SourceSet([], c, vocab).segment_codes(ds.users)
+        assert codes is not None
+        cand = SegmentPopularitySource(c).fit(inter, codes)
+        value = 0.0
+        if tune is not None:
+            users = tune[0]
+            value = _tune_ndcg(tune, ds.n_products, cand.score(inter.matrix[users], codes[users]))
+        if best is None or value > best[0]:
+            best = (value, c, vocab, cand)
+    assert best is not None
+    info["segment"] = {"column": best[1], "tried": cols}
+    return best[3], best[1], best[2]
+
+
+def _fit_ease(ds: Dataset, inter: Interactions, tune: Tune | None, info: dict[str, Any]) -> EASESource:
+    """EASE with the penalty (relative to the mean product count) that validates best."""
+    g = gram(inter.matrix)
+    mean_count = float(np.mean(np.diag(g))) or 1.0
+    # A finer grid where an inverse is cheap.
+    if ds.n_products <= 3_000:
+        grid = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
+    elif ds.n_products <= 8_000:
+        grid = [0.1, 0.4, 1.6]
+    else:
+        grid = [0.5]
+    best: tuple[float, float, EASESource] | None = None
+    for c in grid:
+        cand = EASESource(l2=max(c * mean_count, 1e-3)).fit(inter, g=g)
+        value = 0.0
+        if tune is not None and len(grid) > 1:
+            users = tune[0]
+            value = _tune_ndcg(tune, ds.n_products, cand.score(inter.matrix[users]))
+        if best is None or value > best[0]:
+            best = (value, c, cand)
+    assert best is not None
+    info["ease"] = {"l2": best[2].l2, "l2_over_mean_count": best[1]}
+    return best[2]
+
+
 def _fit_sources(ds: Dataset, inter: Interactions, settings: FinrecSettings, report: TrainingReport,
-                 tune: tuple[np.ndarray, Relevance, np.ndarray] | None) -> SourceSet:  # fmt: skip
+                 tune: Tune | None) -> SourceSet:  # fmt: skip
     """Fit every configured source on ``inter``; ``tune`` = (users, answer, allowed) chooses hyperparameters."""
-    fitted: list[Any] = []
+    fitted: list[CandidateSource] = []
     info: dict[str, Any] = {}
-    seg_column, seg_vocab = None, None
-    t = settings.train
-
-    def ndcg(scores: np.ndarray) -> float:
-        assert tune is not None
-        users, rel, allowed = tune
-        top = _top_k(np.where(allowed, scores, -np.inf), GUARD_K)
-        v = evaluate_rankings(top, rel, ds.n_products, k=GUARD_K, recall_ks=(GUARD_K,))[f"ndcg@{GUARD_K}"]
-        return float(np.nanmean(v)) if np.isfinite(v).any() else 0.0  # type: ignore[arg-type]
-
-    history = None if tune is None else inter.matrix[tune[0]]
+    seg_column: str | None = None
+    seg_vocab: list[str] | None = None
     for name in _source_plan(ds, settings):
         try:
+            src: CandidateSource
             if name == "popularity":
-                src: Any = PopularitySource("all").fit(inter)
+                src = PopularitySource("all").fit(inter)
             elif name == "recent":
                 src = PopularitySource("recent").fit(inter)
                 if inter.recent.nnz in (0, inter.matrix.nnz):
                     raise ValueError("every positive is recent (or none is): the same as all-time popularity")
             elif name == "additions":
-                src = PopularitySource("additions").fit(inter)
-                if src.n_events_ < 20:
-                    raise ValueError(f"only {src.n_events_} dated additions")
+                pop = PopularitySource("additions").fit(inter)
+                if pop.n_events_ < 20:
+                    raise ValueError(f"only {pop.n_events_} dated additions")
+                src = pop
             elif name == "segment":
-                cols = SourceSet.segment_candidates(ds.users, set(settings.protected_attributes))
-                if not cols:
-                    raise ValueError("no categorical customer column with 2 to 64 values")
-                best = None
-                for c in cols:
-                    vocab = sorted(ds.users[c].dropna().astype(str).unique().tolist())
-                    probe = SourceSet([], c, vocab)
-                    codes = probe.segment_codes(ds.users)
-                    cand = SegmentPopularitySource(c).fit(inter, codes)
-                    value = ndcg(cand.score(history, codes[tune[0]])) if tune is not None else 0.0
-                    if best is None or value > best[0]:
-                        best = (value, c, vocab, cand)
-                assert best is not None
-                _, seg_column, seg_vocab, src = best
-                info["segment"] = {"column": seg_column, "tried": cols}
+                src, seg_column, seg_vocab = _fit_segment(ds, inter, settings, tune, info)
             elif name == "ease":
-                g = gram(inter.matrix)
-                mean_count = float(np.mean(np.diag(g))) or 1.0
-                # The penalty relative to the mean product count; a finer grid where an inverse is cheap.
-                if ds.n_products <= 3_000:
-                    grid = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
-                elif ds.n_products <= 8_000:
-                    grid = [0.1, 0.4, 1.6]
-                else:
-                    grid = [0.5]
-                best = None
-                for c in grid:
-                    cand = EASESource(l2=max(c * mean_count, 1e-3)).fit(inter, g=g)
-                    value = ndcg(cand.score(history)) if tune is not None and len(grid) > 1 else 0.0
-                    if best is None or value > best[0]:
-                        best = (value, c, cand)
-                assert best is not None
-                src = best[2]
-                info["ease"] = {"l2": src.l2, "l2_over_mean_count": best[1]}
+                src = _fit_ease(ds, inter, tune, info)
             elif name == "item_knn":
                 src = ItemKNNSource().fit(inter)
             elif name == "transitions":
-                src = TransitionSource(seed=t.seed).fit(inter)
+                src = TransitionSource(seed=settings.train.seed).fit(inter)
             else:
                 raise ValueError(f"unknown source {name!r}")
         except ValueError as exc:
@@ -345,7 +368,7 @@ def _allowed_new(rules: ProductRules, model: TwoStageModel, builder: FeatureBuil
 def _guard(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, allowed: np.ndarray,
            targets: pd.DataFrame, report: TrainingReport, progress: bool) -> str:  # fmt: skip
     """Score popularity, each source, the two-tower and the stack on held-out customers; the best serves."""
-    history = builder.history(snap.cutoff, int(model.config.get("history_length", 20)))
+    history = builder.history(snap.cutoff, model.config.history_length)
     methods = ["popularity"] if model.sources is None else [*model.sources_at(builder, snap).names]  # type: ignore[union-attr]
     if "popularity" not in methods:
         methods.insert(0, "popularity")
@@ -392,11 +415,10 @@ def _refit_sources(model: TwoStageModel, ds: Dataset) -> None:
     """Sources refitted on every event: what batch scoring and the API use."""
     if model.sources is None:
         return
-    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_products, model.config["grades"],
-                                     int(model.config["min_grade"]))  # fmt: skip
+    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_products, model.config.grades,
+                                     model.config.min_grade)  # fmt: skip
     model.sources = model.sources.refit(inter, model.sources.segment_codes(ds.users))
-    model.config["sources_cutoff"] = int(inter.cutoff)
-    model.config["sources_events"] = int(len(ds.events))
+    model.config = model.config.with_sources_fit(inter.cutoff, len(ds.events))
 
 
 # -- with impressions --------------------------------------------------------------------------------
@@ -426,11 +448,13 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
     popularity = np.log1p(np.bincount(ev.product[ev.etype >= ETYPE["click"]], minlength=ds.n_products)).astype(float)
     base_columns = [*_pair_columns(builder, rank_snap), *PAIR_COLUMNS_EXTRA]
     model = _new_model(ds, settings, space, retriever, base_columns, popularity, split)
-    # Validation customers: new positives in the ranker window; a part of them chooses what serves.
+    # Validation customers: positives in the ranker window of products they do not hold (what `finrec evaluate`
+    # counts on its window: with a logged funnel, coming back to an offer is engagement too); a part of them,
+    # kept out of the ranker, chooses what serves.
     labels = builder.labels(split.rank_cutoff, split.eval_cutoff, grades)
     new = labels[labels["grade"] >= t.retrieval_min_grade]
-    had = model.positives(builder, rank_snap).matrix
-    new = new[np.asarray(had[new["user"].to_numpy(), new["product"].to_numpy()]).ravel() == 0]
+    held_keys = rank_snap.held["user"].to_numpy(np.int64) * ds.n_products + rank_snap.held["product"].to_numpy()
+    new = new[~np.isin(new["user"].to_numpy(np.int64) * ds.n_products + new["product"].to_numpy(), held_keys)]
     shown_users = builder.shown(split.rank_cutoff, split.eval_cutoff)["user"].to_numpy()
     q_all = np.unique(np.concatenate([labels["user"].to_numpy(), shown_users]))
     guard_users = np.empty(0, np.int64)
@@ -441,7 +465,7 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
         tune_users = np.setdiff1d(np.unique(new["user"].to_numpy()), guard_users)[:MAX_TUNE_CUSTOMERS]
         tune = None
         if len(tune_users):
-            tune = (tune_users, _answer(tune_users, new), _allowed_new(rules, model, builder, rank_snap, tune_users))
+            tune = (tune_users, _answer(tune_users, new), allowed_mask(rules, rank_snap, tune_users, ds.n_products))
         sources = _fit_sources(ds, inter, settings, report, tune)
         if sources.sources:
             model.sources = sources
@@ -491,7 +515,7 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
 
     clock = time.perf_counter()
     if len(guard_users) and t.model == "two_stage":
-        allowed = _allowed_new(rules, model, builder, rank_snap, guard_users)
+        allowed = allowed_mask(rules, rank_snap, guard_users, ds.n_products)
         model.serve = _guard(model, builder, rank_snap, guard_users, allowed, new, report, progress)
     _refit_sources(model, ds)
     report.seconds["validation_and_refit"] = time.perf_counter() - clock
@@ -501,21 +525,51 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
 # -- without impressions -------------------------------------------------------------------------------
 def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
                                progress: bool) -> tuple[TwoStageModel, TrainingReport]:  # fmt: skip
+    """Sources, an optional two-tower and a ranker on source candidates; the guard chooses what serves.
+
+    Temporal data with enough signal is validated *forward in time*: the ranker learns at an earlier
+    cutoff (what customers newly took between it and the plan's cutoff) and the guard judges every
+    method after the plan's cutoff, so a ranker that learnt one season's habits is caught. Otherwise
+    (a holdout, or one cutoff only) the validation customers are split: the ranker learns from 75%,
+    the guard judges on the rest.
+    """
     t = settings.train
     grades = dict(settings.events.grades)
     clock = time.perf_counter()
     plan = ValidationPlan.choose(ds, grades, t.retrieval_min_grade, t.validation, t.seed)
     split = TemporalSplit.plan(*ds.time_range, t.eval_days, t.label_days, t.max_retrieval_windows)
     report = TrainingReport(split)
+    earlier = plan.earlier(ds, grades, t.retrieval_min_grade)
     report.validation["plan"] = plan.to_dict()
-    vds = replace(ds, events=ds.events.select(plan.keep))
-    builder = FeatureBuilder(vds, settings.protected_attributes)
+    if earlier is not None:
+        # Features at a cutoff read only events before it, so one builder over the data serves both cutoffs.
+        builder = FeatureBuilder(ds, settings.protected_attributes)
+        rank_cut, rank_targets = earlier.cutoff, earlier.targets
+        rank_users = np.unique(rank_targets["user"].to_numpy())
+        if len(rank_users) > t.max_ranker_queries:
+            rng0 = np.random.default_rng(t.seed)
+            rank_users = np.sort(rng0.choice(rank_users, t.max_ranker_queries, replace=False))
+        guard_users = np.unique(plan.targets["user"].to_numpy())
+        if len(guard_users) > MAX_GUARD_CUSTOMERS:
+            guard_users = np.sort(np.random.default_rng(t.seed + 1).choice(guard_users, MAX_GUARD_CUSTOMERS,
+                                                                           replace=False))  # fmt: skip
+        report.validation["plan"]["reason"] = (
+            plan.reason + f"; forward in time: the ranker learns from {earlier.n_customers} customers' new "
+            f"products after an earlier cutoff, and every method is judged after the later one")
+        report.validation["plan"]["ranker_cutoff"] = int(rank_cut)
+    else:
+        vds = replace(ds, events=ds.events.select(plan.keep))
+        builder = FeatureBuilder(vds, settings.protected_attributes)
+        rank_cut, rank_targets = plan.cutoff, plan.targets
+        rank_users, guard_users = _split_customers(np.unique(plan.targets["user"].to_numpy()), t.max_ranker_queries,
+                                                   t.seed)  # fmt: skip
+        report.validation["plan"]["reason"] = plan.reason
     rules = rules_for(ds, settings)
-    snap = builder.snapshot(plan.cutoff)
+    snap = builder.snapshot(rank_cut)
     space = FeatureSpace.fit(snap)
     retriever = None
-    if plan.kind == "temporal" and plan.cutoff - ds.time_range[0] > 1:
-        inner = TemporalSplit.plan(ds.time_range[0], plan.cutoff - 1, t.eval_days, t.label_days,
+    if plan.kind == "temporal" and rank_cut - ds.time_range[0] > 1:
+        inner = TemporalSplit.plan(ds.time_range[0], rank_cut - 1, t.eval_days, t.label_days,
                                    t.max_retrieval_windows)  # fmt: skip
         retriever = _fit_two_tower(builder, inner, space, settings, report, progress)
     else:
@@ -524,15 +578,13 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
     report.seconds["retrieval"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    ev = vds.events.before(plan.cutoff)
+    ev = builder.ds.events.before(rank_cut)
     popularity = np.log1p(np.bincount(ev.product[ev.etype >= ETYPE["click"]], minlength=ds.n_products)).astype(float)
     base_columns = [*_pair_columns(builder, snap), *PAIR_COLUMNS_EXTRA]
     model = _new_model(ds, settings, space, retriever, base_columns, popularity, split)
-    users = np.unique(plan.targets["user"].to_numpy())
-    rank_users, guard_users = _split_customers(users, t.max_ranker_queries, t.seed)
     inter = model.positives(builder, snap)
     tune_users = rank_users[:MAX_TUNE_CUSTOMERS]
-    tune = (tune_users, _answer(tune_users, plan.targets), _allowed_new(rules, model, builder, snap, tune_users))
+    tune = (tune_users, _answer(tune_users, rank_targets), _allowed_new(rules, model, builder, snap, tune_users))
     sources = _fit_sources(ds, inter, settings, report, tune if len(tune_users) else None)
     if sources.sources:
         model.sources = sources
@@ -545,13 +597,13 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
     report.seconds["approval"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    history = builder.history(snap.cutoff, t.history_length)
     rng = np.random.default_rng(t.seed)
     ranker = None
     rows = None
     if len(rank_users) >= MIN_RANKER_QUERIES and model.sources is not None:
+        history = builder.history(snap.cutoff, t.history_length)
         allowed = _allowed_new(rules, model, builder, snap, rank_users)
-        rows = _candidate_rows(model, builder, snap, rank_users, allowed, history, plan.targets, t.n_candidates,
+        rows = _candidate_rows(model, builder, snap, rank_users, allowed, history, rank_targets, t.n_candidates,
                                t.ranker_negatives, rng)  # fmt: skip
         X, y, qid, _, names = rows
         keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1
@@ -567,14 +619,17 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
     report.seconds["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    gsnap = builder.snapshot(plan.cutoff) if plan.cutoff != rank_cut else snap
     if len(guard_users):
-        g_allowed = _allowed_new(rules, model, builder, snap, guard_users)
-        model.serve = _guard(model, builder, snap, guard_users, g_allowed, plan.targets, report, progress)
-    # Refit: the ranker on every validation customer with the trees chosen, the sources on all the data.
+        g_allowed = _allowed_new(rules, model, builder, gsnap, guard_users)
+        model.serve = _guard(model, builder, gsnap, guard_users, g_allowed, plan.targets, report, progress)
+    # Refit: the ranker on every validation customer (forward in time: the later window too) with the trees
+    # chosen, the sources on all the data.
     if ranker is not None and rows is not None and len(guard_users):
-        allowed = _allowed_new(rules, model, builder, snap, guard_users)
-        g_rows = _candidate_rows(model, builder, snap, guard_users, allowed, history, plan.targets, t.n_candidates,
-                                 t.ranker_negatives, rng)  # fmt: skip
+        g_history = builder.history(gsnap.cutoff, t.history_length)
+        g_allowed = _allowed_new(rules, model, builder, gsnap, guard_users)
+        g_rows = _candidate_rows(model, builder, gsnap, guard_users, g_allowed, g_history, plan.targets,
+                                 t.n_candidates, t.ranker_negatives, rng)  # fmt: skip
         X = np.vstack([rows[0], g_rows[0]])
         y = np.concatenate([rows[1], g_rows[1]])
         qid = np.concatenate([rows[2], g_rows[2] + len(rank_users)])
