@@ -135,6 +135,13 @@ class TrainSettings(_Section):
     history_length: int = Field(20, ge=1, le=200, description="Recent products in the user tower's history.")
     retrieval_min_grade: int = Field(2, ge=1, description="Lowest grade that is a positive for retrieval.")
     max_ranker_queries: int = Field(120_000, ge=100, description="Customers sampled to train the ranker.")
+    ranker_windows: int = Field(
+        2,
+        ge=1,
+        le=6,
+        description="Without impressions, on temporal data: time windows the ranker learns from (each with features "
+        "at its own cutoff), the latest first, as far as the data has customers coming back.",
+    )
     max_retrieval_pairs: int = Field(
         400_000, ge=1_000, description="Positive pairs the two-tower learns from at most (a seeded sample above)."
     )

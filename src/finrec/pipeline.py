@@ -145,7 +145,7 @@ def recommend(
     for start in tqdm(range(0, len(known_rows), 2000), desc="recommending", unit="block", disable=not progress):
         bu = known_rows[start : start + 2000]
         allowed = allowed_mask(rules, snap, bu, ds.n_products, exclude, interacted)
-        rec = model.recommend(builder, snap, bu, allowed, k, history)
+        rec = model.recommend(builder, snap, bu, allowed, k, history, with_features=False)
         m = rec.items >= 0  # fewer than k allowed products: fewer rows, never a back-fill
         parts.append(pd.DataFrame({
             "user_id": np.repeat(known_ids[start : start + 2000], m.sum(axis=1)),

@@ -65,7 +65,7 @@ SOURCES = {
     "popularity_recent": lambda: PopularitySource("recent"),
     "popularity_additions": lambda: PopularitySource("additions"),
     "segment": lambda: SegmentPopularitySource("group"),
-    "ease": lambda: EASESource(l2=5.0),
+    "ease": lambda: EASESource(l2=0.1),
     "item_knn": lambda: ItemKNNSource(neighbours=5),
     "transitions": lambda: TransitionSource(shrinkage=5.0),
 }
@@ -121,7 +121,7 @@ def test_unknown_parameters_are_refused(make) -> None:  # type: ignore[no-untype
 
 def test_item_item_sources_complete_the_planted_sequence() -> None:
     inter, _ = data()
-    for src in (EASESource(l2=5.0).fit(inter), ItemKNNSource(neighbours=5).fit(inter)):
+    for src in (EASESource(l2=0.1).fit(inter), ItemKNNSource(neighbours=5).fit(inter)):
         s = src.score(history(0, 1))[0]
         s[[0, 1]] = -np.inf
         assert int(np.argmax(s)) == 2, src.name

@@ -37,9 +37,12 @@ def gram(x: sp.csr_matrix) -> np.ndarray:
 
 
 class EASESource:
+    """EASE; ``l2`` is the penalty *per unit of the mean product count* (the mean diagonal of ``X^T X``), so a
+    refit on more or less data keeps the same strength of regularisation."""
+
     kind = "ease"
 
-    def __init__(self, l2: float = 100.0) -> None:
+    def __init__(self, l2: float = 1.0) -> None:
         if not l2 > 0:
             raise ValueError(f"EASE needs l2 > 0, got {l2}")
         self.l2 = float(l2)
@@ -57,7 +60,8 @@ class EASESource:
             raise ValueError(f"EASE over {n} products needs a {n}x{n} inverse; use item_knn above "
                              f"{MAX_EASE_PRODUCTS} products")  # fmt: skip
         g = gram(data.matrix) if g is None else g.copy()
-        g[np.diag_indices(n)] += self.l2
+        self.penalty_ = self.l2 * (float(np.mean(np.diag(g))) or 1.0) if n else self.l2
+        g[np.diag_indices(n)] += self.penalty_
         try:
             p = scipy.linalg.inv(g, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:  # not possible with l2 > 0, but never crash a training on it

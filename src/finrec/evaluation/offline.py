@@ -129,7 +129,7 @@ def evaluate_model(
         ranked["random"].append(_top_k(np.where(allowed, noise, -np.inf), k))
         ranked["popularity"].append(_top_k(np.where(not_held, pop[None, :], -np.inf), k))
         ranked["popularity_eligible"].append(_top_k(np.where(allowed, pop[None, :], -np.inf), k))
-        rec = model.recommend(builder, snap, bu, allowed, k, history, n_candidates=n_cand)
+        rec = model.recommend(builder, snap, bu, allowed, k, history, n_candidates=n_cand, with_features=False)
         ranked["two_stage"].append(rec.items)
         ranked["two_tower"].append(rec.candidates[:, :k])
         retrieved.append(rec.candidates)

@@ -272,11 +272,13 @@ class TwoStageModel:
         index_kind: str | None = None,
         demote_below: float | None = None,
         serve: str | None = None,
+        with_features: bool = True,
     ) -> Recommendations:
         """Top ``k`` allowed products for each customer row in ``users`` (``allowed``: (len(users), n_products)).
 
         ``serve`` overrides what answers (``stack``, ``two_tower``, ``popularity`` or a source name); by
-        default the bundle's choice. The served items' ranker rows come back with them (drift reference).
+        default the bundle's choice. The served items' ranker rows come back with them (drift reference)
+        unless ``with_features`` is false (a single source then costs one masked sort).
         """
         serve = serve or self.serve
         n_candidates = n_candidates or self.config.n_candidates
@@ -289,6 +291,8 @@ class TwoStageModel:
             top = _top_k(np.where(allowed, scores, -np.inf), k)
             s = np.where(top >= 0, np.take_along_axis(scores, np.maximum(top, 0), axis=1), np.nan)
             served = top >= 0
+            if not with_features:
+                return Recommendations(top, s, np.full(top.shape, np.nan), top)
             q = np.repeat(np.arange(n), k)[served.ravel()]
             X, _ = self.pair_rows(builder, snap, users, allowed, history, q, top[served], src)
             return Recommendations(top, s, np.full(top.shape, np.nan), top, X, s[served])
@@ -297,6 +301,8 @@ class TwoStageModel:
             top = ret_i[:, :k]
             s = np.where(top >= 0, ret_s[:, :k], np.nan)
             served = top >= 0
+            if not with_features:
+                return Recommendations(top, s, np.full(top.shape, np.nan), ret_i)
             q = np.repeat(np.arange(n), top.shape[1])[served.ravel()]
             X, _ = self.pair_rows(builder, snap, users, allowed, history, q, top[served], src)
             return Recommendations(top, s, np.full(top.shape, np.nan), ret_i, X, s[served])

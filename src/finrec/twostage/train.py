@@ -271,7 +271,6 @@ def _fit_segment(ds: Dataset, inter: Interactions, settings: FinrecSettings, tun
 def _fit_ease(ds: Dataset, inter: Interactions, tune: Tune | None, info: dict[str, Any]) -> EASESource:
     """EASE with the penalty (relative to the mean product count) that validates best."""
     g = gram(inter.matrix)
-    mean_count = float(np.mean(np.diag(g))) or 1.0
     # A finer grid where an inverse is cheap.
     if ds.n_products <= 3_000:
         grid = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
@@ -280,16 +279,36 @@ def _fit_ease(ds: Dataset, inter: Interactions, tune: Tune | None, info: dict[st
     else:
         grid = [0.5]
     best: tuple[float, float, EASESource] | None = None
-    for c in grid:
-        cand = EASESource(l2=max(c * mean_count, 1e-3)).fit(inter, g=g)
+    tried: dict[float, float] = {}
+
+    def consider(c: float) -> None:
+        nonlocal best
+        cand = EASESource(l2=c).fit(inter, g=g)
         value = 0.0
         if tune is not None and len(grid) > 1:
-            users = tune[0]
-            value = _tune_ndcg(tune, ds.n_products, cand.score(inter.matrix[users]))
+            value = _tune_ndcg(tune, ds.n_products, cand.score(inter.matrix[tune[0]]))
+        tried[c] = value
         if best is None or value > best[0]:
             best = (value, c, cand)
+
+    for c in grid:
+        consider(c)
+    # A best penalty at the edge of the grid means the optimum lies beyond it: walk on while it improves.
+    for _ in range(4 if tune is not None and len(grid) > 1 else 0):
+        assert best is not None
+        top, bottom = max(tried), min(tried)
+        if best[1] == top:
+            step = top * 2
+        elif best[1] == bottom:
+            step = bottom / 2
+        else:
+            break
+        before = best[0]
+        consider(step)
+        if best[0] <= before:
+            break
     assert best is not None
-    info["ease"] = {"l2": best[2].l2, "l2_over_mean_count": best[1]}
+    info["ease"] = {"l2_over_mean_count": best[1], "penalty": best[2].penalty_, "tried": tried}
     return best[2]
 
 
@@ -381,21 +400,67 @@ def _guard(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users:
     for start in tqdm(range(0, len(users), BLOCK), desc="validating", unit="block", disable=not progress):
         bu, ba = users[start : start + BLOCK], allowed[start : start + BLOCK]
         for m in methods:
-            ranked[m].append(model.recommend(builder, snap, bu, ba, GUARD_K, history, serve=m).items)
+            ranked[m].append(model.recommend(builder, snap, bu, ba, GUARD_K, history, serve=m,
+                                             with_features=False).items)  # fmt: skip
     table: dict[str, dict[str, float]] = {}
+    key = f"ndcg@{GUARD_K}"
+    per_user: dict[str, np.ndarray] = {}
     for m in methods:
         r = evaluate_rankings(np.vstack(ranked[m]), rel, builder.ds.n_products, k=GUARD_K, recall_ks=(GUARD_K,))
         table[m] = {name: float(np.nanmean(v)) for name, v in r.items()
                     if isinstance(v, np.ndarray) and np.isfinite(v).any()}  # fmt: skip
-    key = f"ndcg@{GUARD_K}"
-    # The best on validation serves; on a tie the simpler one (methods are listed simplest first).
-    best = max(methods, key=lambda m: (round(table[m].get(key, 0.0), 6), -methods.index(m)))
+        per_user[m] = np.asarray(r[key], dtype=np.float64)
+    best = choose_one_se(methods, per_user, [_complexity(model, m) for m in methods], table)
     report.validation["table"] = table
     report.validation["customers"] = int(len(users))
     report.validation["metric"] = key
+    report.validation["rule"] = ("the simplest method whose NDCG@10 is within one standard error (paired, over "
+                                 "customers) of the best")  # fmt: skip
     report.validation["serves"] = best
     report.validation["popularity"] = table["popularity"].get(key, 0.0)
     return best
+
+
+def _complexity(model: TwoStageModel, method: str) -> int:
+    """Order of simplicity for the one-standard-error rule: fewer learned parameters first."""
+    if method == "stack":
+        return 6
+    if method == "two_tower":
+        return 5
+    if method == "popularity" or model.sources is None:
+        return 0
+    kind = model.sources.get(method).kind
+    return {"popularity": 1, "segment_popularity": 2, "transitions": 3, "item_knn": 4, "ease": 4}.get(kind, 9)
+
+
+def choose_one_se(methods: list[str], per_user: dict[str, np.ndarray], complexity: list[int],
+                  table: dict[str, dict[str, float]] | None = None) -> str:  # fmt: skip
+    """The simplest method whose mean is within one standard error of the best's (Breiman's one-SE rule).
+
+    The standard error is that of the paired per-customer difference with the best method, so a more
+    complex model serves only when it is better by more than validation noise. ``table`` (by method)
+    gets each method's ``se_vs_best``.
+
+    >>> rng = np.random.default_rng(0)
+    >>> base = rng.random(400)
+    >>> noise = rng.normal(0, 0.1, 400)  # per-customer differences: a mean gain of 0.001 is noise
+    >>> choose_one_se(["simple", "complex"], {"simple": base, "complex": base + 0.001 + noise}, [0, 1])
+    'simple'
+    >>> choose_one_se(["simple", "complex"], {"simple": base, "complex": base + 0.05 + noise}, [0, 1])
+    'complex'
+    """
+    means = {m: float(np.nanmean(per_user[m])) if np.isfinite(per_user[m]).any() else 0.0 for m in methods}
+    best = max(methods, key=lambda m: (means[m], -complexity[methods.index(m)]))
+    ok = []
+    for m, c in zip(methods, complexity, strict=True):
+        d = per_user[best] - per_user[m]
+        d = d[np.isfinite(d)]
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        if table is not None:
+            table.setdefault(m, {})["se_vs_best"] = se
+        if means[m] >= means[best] - se:
+            ok.append((c, methods.index(m), m))
+    return min(ok)[2]
 
 
 def validation_lines(v: dict[str, Any]) -> list[str]:
@@ -557,6 +622,24 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
             plan.reason + f"; forward in time: the ranker learns from {earlier.n_customers} customers' new "
             f"products after an earlier cutoff, and every method is judged after the later one")
         report.validation["plan"]["ranker_cutoff"] = int(rank_cut)
+    elif plan.kind == "temporal":
+        # One later window only (two holdings snapshots, say): the validation customers are split three
+        # ways. The sources also learn from what a third of them did after the cutoff (so that additions
+        # exist to learn transitions from); the ranker learns from another third's answers, the guard judges
+        # on the rest; the last two are seen only up to the cutoff.
+        users = np.unique(plan.targets["user"].to_numpy())
+        perm = np.random.default_rng(t.seed + 2).permutation(users)
+        evaluated = np.sort(perm[len(perm) // 3 :])
+        rank_users, guard_users = _split_customers(evaluated, t.max_ranker_queries, t.seed)
+        keep = plan.keep | ~np.isin(ds.events.user, evaluated)
+        vds = replace(ds, events=ds.events.select(keep))
+        builder = FeatureBuilder(vds, settings.protected_attributes)
+        rank_cut = int(vds.events.ts[-1]) + 1
+        rank_targets = plan.targets
+        plan = replace(plan, cutoff=rank_cut)
+        report.validation["plan"]["reason"] = (
+            plan.reason + f"; customers split: the sources also learn from {len(perm) - len(evaluated)} customers' "
+            "later events, the ranker and the guard from the others' answers")
     else:
         vds = replace(ds, events=ds.events.select(plan.keep))
         builder = FeatureBuilder(vds, settings.protected_attributes)
@@ -605,6 +688,26 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
         allowed = _allowed_new(rules, model, builder, snap, rank_users)
         rows = _candidate_rows(model, builder, snap, rank_users, allowed, history, rank_targets, t.n_candidates,
                                t.ranker_negatives, rng)  # fmt: skip
+        # Forward in time, earlier windows too (each with features at its own cutoff): a ranker that has seen
+        # several periods leans less on one period's habits.
+        offset = len(rank_users)
+        window = earlier
+        for _ in range(t.ranker_windows - 1):
+            window = window.earlier(ds, grades, t.retrieval_min_grade) if window is not None else None
+            if window is None:
+                break
+            w_users = np.unique(window.targets["user"].to_numpy())
+            if len(w_users) > t.max_ranker_queries:
+                w_users = np.sort(rng.choice(w_users, t.max_ranker_queries, replace=False))
+            w_snap = builder.snapshot(window.cutoff)
+            w_rows = _candidate_rows(model, builder, w_snap, w_users,
+                                     _allowed_new(rules, model, builder, w_snap, w_users),
+                                     builder.history(w_snap.cutoff, t.history_length), window.targets,
+                                     t.n_candidates, t.ranker_negatives, rng)  # fmt: skip
+            rows = (np.vstack([rows[0], w_rows[0]]), np.concatenate([rows[1], w_rows[1]]),
+                    np.concatenate([rows[2], w_rows[2] + offset]), np.concatenate([rows[3], w_rows[3]]), rows[4])
+            offset += len(w_users)
+            report.validation["plan"].setdefault("earlier_ranker_cutoffs", []).append(int(window.cutoff))
         X, y, qid, _, names = rows
         keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1
         if pd.unique(qid[keep]).size >= MIN_RANKER_QUERIES:
@@ -632,7 +735,7 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
                                  t.n_candidates, t.ranker_negatives, rng)  # fmt: skip
         X = np.vstack([rows[0], g_rows[0]])
         y = np.concatenate([rows[1], g_rows[1]])
-        qid = np.concatenate([rows[2], g_rows[2] + len(rank_users)])
+        qid = np.concatenate([rows[2], g_rows[2] + int(rows[2].max()) + 1])
         keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1
         cfg = RankerConfig(seed=t.seed, n_estimators=max(ranker.best_iteration_, 1), validation_fraction=0.0)
         model.ranker = Ranker(cfg).fit(X[keep], y[keep], qid[keep], rows[4],
