@@ -22,9 +22,10 @@ from typing import Any
 
 import httpx
 
-from finrec.testing import REDIS_TEST_URL
+from finrec.testing import REDIS_TEST_URL, TEST_API_KEY
 
-API_KEY = "k"
+#: The servers' ``serve.api_key``: the key named ``admin``, with every scope (recommend, events:trusted, ...).
+API_KEY = TEST_API_KEY
 ADMIN = {"X-API-Key": API_KEY}
 
 
@@ -111,7 +112,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited early ({self.proc.returncode}): {self.output()}")
             try:
-                text = httpx.get(f"{self.url}/metrics", timeout=5).text
+                text = httpx.get(f"{self.url}/metrics", headers=ADMIN, timeout=5).text
                 pids = {int(labels["pid"]) for labels, value in samples(text, "finrec_model_info")
                         if "pid" in labels and value == 1}  # fmt: skip
             except httpx.TransportError:

@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 import pytest
 
-from live_server import Server, ServerFactory, redis_store_url
+from live_server import ADMIN, Server, ServerFactory, redis_store_url
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def server(tiny_model: Path, tiny_world: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:  # one keep-alive connection
+    with httpx.Client(base_url=server.url, headers=ADMIN, timeout=30) as c:  # one keep-alive connection
         yield c
 
 
@@ -254,7 +254,7 @@ def _answers_after_a_decline(srv: Server, counts: WorkerCounts) -> tuple[int, st
 
     Returns the worker that took the decline, the product, and (worker, products) per answer.
     """
-    with httpx.Client(base_url=srv.url, timeout=30) as client:
+    with httpx.Client(base_url=srv.url, headers=ADMIN, timeout=30) as client:
         for user in map(str, range(1, 201)):
             products = _products(_recommend(client, user))
             if products:
@@ -264,13 +264,14 @@ def _answers_after_a_decline(srv: Server, counts: WorkerCounts) -> tuple[int, st
     declined = products[0]
 
     def post() -> httpx.Response:
-        return httpx.post(f"{srv.url}/events", json=[_event(user, declined, "decline")], timeout=30)
+        return httpx.post(f"{srv.url}/events", json=[_event(user, declined, "decline")], headers=ADMIN, timeout=30)
 
     took_it, r = counts.who_answers("/events", post)
     assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
 
     def get() -> httpx.Response:  # a new connection each time (httpx.get opens and closes its own)
-        return httpx.get(f"{srv.url}/recommend/{user}", params={"k": K}, headers={"Connection": "close"}, timeout=30)
+        return httpx.get(f"{srv.url}/recommend/{user}", params={"k": K}, headers={"Connection": "close", **ADMIN},
+                         timeout=30)
 
     answers: list[tuple[int, list[str]]] = []
     while len(answers) < MAX_ANSWERS:

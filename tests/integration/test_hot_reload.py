@@ -90,7 +90,7 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
 
     def client_loop(seed: int) -> None:
         rng = random.Random(seed)
-        with httpx.Client(base_url=srv.url, timeout=30) as c:  # one keep-alive connection per client
+        with httpx.Client(base_url=srv.url, headers=ADMIN, timeout=30) as c:  # one keep-alive connection per client
             for _ in range(MAX_REQUESTS_PER_CLIENT):
                 if stop.is_set():
                     return
@@ -114,7 +114,7 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     serving = version_a
     t_end = time.monotonic() + LOAD_SECONDS
     try:
-        with httpx.Client(base_url=srv.url, timeout=60) as admin:
+        with httpx.Client(base_url=srv.url, headers=ADMIN, timeout=60) as admin:
             for target in plan:
                 time.sleep(max(0.0, min(1.0, t_end - time.monotonic())))
                 r = admin.post("/admin/reload", headers=ADMIN, json={"model_dir": str(target)})
@@ -138,7 +138,7 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     assert not failures, failures[:10]
     assert set(versions) == {version_a, version_b}, versions
     assert sum(versions.values()) > 100, versions  # the load was real
-    metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    metrics = httpx.get(f"{srv.url}/metrics", headers=ADMIN, timeout=10).text
     assert metric(metrics, "finrec_model_reloads_total", outcome="ok") == len(plan) - 1
     assert metric(metrics, "finrec_model_reloads_total", outcome="refused") == 1
     assert metric(metrics, "finrec_model_info", model_version=serving) == 1

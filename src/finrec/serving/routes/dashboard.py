@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse
 from finrec.monitoring.fairness import suppress_small_groups
 from finrec.monitoring.report import build_monitor_report, render_html, stored_alerts
 from finrec.serving.paths import scrub_value
-from finrec.serving.routes.deps import MonitorCaller, ServiceDep
+from finrec.serving.routes.deps import MonitorCaller, MonitorPageCaller, ServiceDep
 from finrec.serving.service import Service
 
 router = APIRouter(tags=["monitoring"])
@@ -111,8 +111,11 @@ def _cached(service: Service, html: bool) -> tuple[dict[str, Any], str | None]:
 
 
 @router.get("/dashboard", response_class=HTMLResponse, openapi_extra={"x-scopes": ["monitor"]})
-def dashboard(_: MonitorCaller, service: ServiceDep) -> HTMLResponse:
-    """Monitoring page (HTML, self-contained): conversion per model and arm, guardrail health, fairness, alerts."""
+def dashboard(_: MonitorPageCaller, service: ServiceDep) -> HTMLResponse:
+    """Monitoring page (HTML, self-contained): conversion per model and arm, guardrail health, fairness, alerts.
+
+    In a browser, give an API key with the `monitor` scope as the password when it asks (any user name).
+    """
     _, page = _cached(service, html=True)
     return HTMLResponse(page or "", headers={"Cache-Control": "no-store"})
 

@@ -9,6 +9,7 @@ model has loaded.
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable
 from typing import Annotated
@@ -34,17 +35,24 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def needs(*scopes: str) -> Callable[..., Principal]:
-    """A dependency that returns the caller if its key has one of ``scopes``."""
+def needs(*scopes: str, browser: bool = False) -> Callable[..., Principal]:
+    """A dependency that returns the caller if its key has one of ``scopes``.
+
+    ``browser``: a page people open in a browser, which cannot send the header: the key is also taken as the
+    password of HTTP Basic authentication (any user name), and a 401 asks the browser for it.
+    """
     scope = " or ".join(repr(s) for s in scopes)
+    challenge = 'Basic realm="finrec: an API key as the password", charset="UTF-8"' if browser else "X-API-Key"
 
     def caller(request: Request, key: Annotated[str | None, Security(api_key_header)] = None) -> Principal:
         table: KeyTable = request.app.state.keys
+        if not key and browser:
+            key = _basic_password(request.headers.get("authorization", ""))
         who = table.authenticate(key)
         if who is None:
             what = "no X-API-Key header" if not key else "the X-API-Key header holds no key this service knows"
             raise HTTPException(401, f"{what}: this route needs a key with the scope {scope}",
-                                headers={"WWW-Authenticate": "X-API-Key"})  # fmt: skip
+                                headers={"WWW-Authenticate": challenge})  # fmt: skip
         request.scope["state"]["caller"] = who.name
         if not any(who.may(s) for s in scopes):
             raise HTTPException(403, f"the key {who.name!r} lacks the scope {scope}, which this route needs "
@@ -60,9 +68,21 @@ def needs(*scopes: str) -> Callable[..., Principal]:
     return caller
 
 
+def _basic_password(header: str) -> str | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2] or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 RecommendCaller = Annotated[Principal, Depends(needs("recommend"))]
 EventsCaller = Annotated[Principal, Depends(needs("events", "events:trusted"))]
 MonitorCaller = Annotated[Principal, Depends(needs("monitor"))]
+#: For the HTML dashboard: the key in X-API-Key or as an HTTP Basic password (browsers prompt for it).
+MonitorPageCaller = Annotated[Principal, Depends(needs("monitor", browser=True))]
 AdminCaller = Annotated[Principal, Depends(needs("admin"))]
 
 
