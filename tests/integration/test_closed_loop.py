@@ -50,9 +50,9 @@ def clean_settings(workspace: Path, **kw: Any) -> FinrecSettings:
 @pytest.fixture(scope="module")
 def champion_and_popularity(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     models = tmp_path_factory.mktemp("closed-loop-models")
-    pipeline.train(small_world, models / "two_stage", clean_settings(models / "ws"), progress=False, api_key=API_KEY)
+    pipeline.train(small_world, models / "two_stage", clean_settings(models / "ws"), progress=False)
     pipeline.train(small_world, models / "popularity", clean_settings(models / "ws", train={"model": "popularity"}),
-                   progress=False, api_key=API_KEY)  # fmt: skip
+                   progress=False)  # fmt: skip
     return models / "two_stage", models / "popularity"
 
 
@@ -129,7 +129,7 @@ def drifting_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 months of data; from month 7 (right after the data) demand shifts from deposits to loans."""
     out = tmp_path_factory.mktemp("worlds") / "drifting"
     generate_world(WorldConfig(users=6_000, products=60, months=6, seed=11, drift_month=7, drift_strength=4.0), out,
-                   progress=False, api_key=API_KEY)  # fmt: skip
+                   progress=False)  # fmt: skip
     return out
 
 
@@ -137,7 +137,7 @@ def test_drift_alert_retrain_gate_promotion_and_conversion_recovers(
     server_factory: ServerFactory, drifting_world: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "registry"
-    pipeline.train(drifting_world, tmp_path / "m1", clean_settings(tmp_path / "ws"), progress=False, api_key=API_KEY)
+    pipeline.train(drifting_world, tmp_path / "m1", clean_settings(tmp_path / "ws"), progress=False)
     reg = registry_with(root, tmp_path / "m1")
     # 20,000 data seconds per second: the 150 s of simulation below are about 35 days of drifted feedback (the
     # features' 30-day windows fill), at about the world's own rate of sessions per customer (6,000 customers x 0.7
@@ -146,7 +146,7 @@ def test_drift_alert_retrain_gate_promotion_and_conversion_recovers(
     before = run_simulation(srv.url, drifting_world, minutes=2.5, rate=40, seed=3, progress=False, api_key=API_KEY)
     assert before.failed_total == 0
     settings = clean_settings(srv.workspace, registry={"root": root}, retrain={"eval_days": 5, "label_days": 5})
-    result = retrain(settings, if_drift=True, promote=True, progress=False, api_key=API_KEY)
+    result = retrain(settings, if_drift=True, promote=True, progress=False)
     top = sorted(((f["name"], f["psi"], f["ks"]) for f in (result.drift or {}).get("features", [])
                   if f["ks"] is not None), key=lambda f: -f[2])[:5]  # fmt: skip
     assert result.drift is not None and result.drift["alert"], top  # the check on the new feedback alerted ...

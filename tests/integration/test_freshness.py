@@ -299,10 +299,11 @@ def test_a_decline_posted_to_one_worker_rests_the_product_on_every_worker_with_a
 def test_with_the_memory_online_store_a_decline_reaches_only_the_worker_that_took_it(
     two_workers: Callable[..., tuple[Server, WorkerCounts]], tiny_model: Path, tiny_world: Path
 ) -> None:
-    """The contrast: ``memory://`` is per process, so the other worker keeps showing the product (until a restart
-    rebuilds it from the event store). Not a bug, the documented limit of that store; shown to prove the test
-    above can tell shared from unshared state."""
-    srv, counts = two_workers(tiny_model, tiny_world, {"FINREC_SERVE__ONLINE_STORE": "memory://"})
+    """The contrast: ``memory://`` is per process, so the other worker keeps showing the product (until its
+    catch-up with the event log, every ``serve.catch_up_seconds``, here an hour, or a restart). Not a bug, the
+    documented limit of that store; shown to prove the test above can tell shared from unshared state."""
+    srv, counts = two_workers(tiny_model, tiny_world, {"FINREC_SERVE__ONLINE_STORE": "memory://",
+                                                       "FINREC_SERVE__CATCH_UP_SECONDS": "3600"})
     took_it, declined, answers = _answers_after_a_decline(srv, counts)
     for pid, products in answers:
         assert (declined in products) == (pid != took_it), (pid, took_it)

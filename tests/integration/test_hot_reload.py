@@ -80,7 +80,8 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     # Broken before LightGBM reads anything: a corrupt LightGBM file adds a raw line to stderr (test below).
     (corrupt / "two_tower" / "two_tower.json").write_text('{"format": ')
 
-    srv = server_factory(tiny_model, tiny_world)
+    # Reloads load only from under the models folder: here the test session's folder, which holds every bundle.
+    srv = server_factory(tiny_model, tiny_world, env={"FINREC_SERVE__MODELS_ROOT": str(tmp_path.parent)})
     assert srv.wait_ready()["model_version"] == version_a
 
     stop = threading.Event()
@@ -170,14 +171,14 @@ def test_reload_of_a_damaged_ranker_file_is_refused_the_server_survives_and_logs
         ranker.write_text("not a LightGBM model\n")
     else:  # a copy cut short, e.g. by a full disk
         ranker.write_bytes(ranker.read_bytes()[: ranker.stat().st_size // 3])
-    srv = server_factory(tiny_model, tiny_world)
+    srv = server_factory(tiny_model, tiny_world, env={"FINREC_SERVE__MODELS_ROOT": str(tmp_path.parent)})
     version = srv.wait_ready()["model_version"]
     try:
         r = httpx.post(f"{srv.url}/admin/reload", headers=ADMIN, json={"model_dir": str(damaged)}, timeout=60)
     except httpx.TransportError as exc:
         raise AssertionError(f"the server died during the reload: {srv.output()[-2000:]}") from exc
     assert r.status_code == 422 and r.json()["error"].startswith("refused: ")
-    assert httpx.get(f"{srv.url}/recommend/1", timeout=10).json()["model_version"] == version
+    assert httpx.get(f"{srv.url}/recommend/1", headers=ADMIN, timeout=10).json()["model_version"] == version
     assert srv.interrupt() == 0
     _assert_json_logs(srv.stderr_path.read_text())
 

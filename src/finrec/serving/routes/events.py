@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException
 from fastapi.responses import JSONResponse
 
+from finrec.serving.logs import request_id_var
 from finrec.serving.routes.deps import EventsCaller, ServiceDep
 from finrec.serving.schemas import EVENTS_EXAMPLE, EventsResponse, Problem
 
@@ -14,8 +15,8 @@ router = APIRouter(tags=["events"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": Problem, "description": "Too many events in one request."},
-    422: {"model": EventsResponse, "description": "Not one event of the batch could be stored: each rejection "
-          "says what is wrong, where and how to fix it."},
+    422: {"model": EventsResponse | Problem, "description": "Not one event of the batch could be stored: each "
+          "rejection says what is wrong, where and how to fix it (or the body is not an array of objects)."},
 }
 
 
@@ -54,5 +55,8 @@ def post_events(
     m.labels("duplicate").inc(result["duplicates"])
     m.labels("rejected").inc(len(result["rejected"]))
     if result["rejected"] and not result["accepted"] and not result["duplicates"]:
-        return JSONResponse(result, status_code=422)
+        n = len(result["rejected"])
+        return JSONResponse({"error": f"none of the {n} events could be stored", "request_id": request_id_var.get(),
+                             "hint": "each entry of `rejected` says what is wrong with one event and how to fix it",
+                             **result}, status_code=422)  # fmt: skip
     return result
