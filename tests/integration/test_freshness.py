@@ -233,8 +233,9 @@ def two_workers(server_factory: ServerFactory) -> Iterator[Callable[..., tuple[S
         pytest.skip("needs Linux's /proc to tell the workers apart")
     started: list[Path] = []
 
-    def start(model_dir: Path, data: Path, env: dict[str, str]) -> tuple[Server, WorkerCounts]:
-        srv = server_factory(model_dir, data, "--workers", "2", env=env)
+    def start(model_dir: Path, data: Path, env: dict[str, str],
+              root_args: tuple[str, ...] = ()) -> tuple[Server, WorkerCounts]:  # fmt: skip
+        srv = server_factory(model_dir, data, "--workers", "2", env=env, root_args=root_args)
         srv.wait_ready()
         workers = srv.wait_workers(2)
         assert len(workers) == 2, workers
@@ -307,4 +308,34 @@ def test_with_the_memory_online_store_a_decline_reaches_only_the_worker_that_too
     took_it, declined, answers = _answers_after_a_decline(srv, counts)
     for pid, products in answers:
         assert (declined in products) == (pid != took_it), (pid, took_it)
+    assert srv.interrupt() == 0, srv.output()[-2000:]
+
+
+def test_two_workers_both_serve_the_settings_file_given_with_config(
+    two_workers: Callable[..., tuple[Server, WorkerCounts]], tiny_model: Path, tiny_world: Path, tmp_path: Path
+) -> None:
+    """Finding 3 of the security review: `finrec --config FILE serve --workers 2` lost the file in the workers
+    (its API key, max_events_per_request and require_marketing_consent). Each worker must answer by the file."""
+    from finrec.serving.auth import hash_key
+
+    key = "toml-" + "k" * 40
+    config = tmp_path / "finrec.toml"
+    config.write_text(f'[serve]\nmax_events_per_request = 5\nrequire_marketing_consent = true\n\n'
+                      f'[[auth.keys]]\nname = "from-the-file"\nscopes = ["recommend", "events:trusted"]\n'
+                      f'sha256 = "{hash_key(key)}"\n')  # fmt: skip
+    srv, counts = two_workers(tiny_model, tiny_world, {}, root_args=("--config", str(config)))
+    header = {"X-API-Key": key, "Connection": "close"}
+    seen: dict[int, list[tuple[int, int, int]]] = {pid: [] for pid in counts.workers}
+    for _ in range(MAX_ANSWERS):
+        who, r = counts.who_answers("/recommend", lambda: httpx.post(  # a prospect whose consent is unknown
+            f"{srv.url}/recommend", json={"profile": {"age": 40, "income": 60000}, "k": 5}, headers=header,
+            timeout=30))  # fmt: skip
+        _, batch = counts.who_answers("/events", lambda: httpx.post(
+            f"{srv.url}/events", json=[_event("1", "3", "view") for _ in range(6)], headers=header, timeout=30))
+        seen[who].append((r.status_code, len(r.json().get("items", [])), batch.status_code))
+        if all(len(v) >= 3 for v in seen.values()):
+            break
+    assert all(len(v) >= 3 for v in seen.values()), seen
+    for answers in seen.values():  # the file's key is known, consent is required, and batches of 6 are too big
+        assert all(a == (200, 0, 413) for a in answers), seen
     assert srv.interrupt() == 0, srv.output()[-2000:]
