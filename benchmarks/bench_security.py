@@ -117,6 +117,8 @@ def main() -> None:
     svc = Service.from_settings(settings, model, world, watch=False)
     with_auth = create_app(settings, service=svc)
     no_auth = create_app(settings, service=svc, keys=KeyTable([], disabled=True))
+    for app in (with_auth, no_auth):
+        app.state.service = svc  # what the lifespan does; the ASGI calls below do not run it
     loop = asyncio.new_event_loop()
     users = [str(u) for u in range(1, 2001)]
 
