@@ -159,3 +159,27 @@ def _wait_for_json(url: str, proc: subprocess.Popen[str], timeout: float, key_fi
         except (urllib.error.URLError, ConnectionError):
             time.sleep(1)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def test_serve_refuses_short_keys_an_open_address_without_keys_and_no_auth_off_loopback(tmp_path: Path) -> None:
+    ws = {"FINREC_WORKSPACE": str(tmp_path / "ws")}
+    assert_clean_failure(finrec("serve", env={**ws, "FINREC_SERVE__API_KEY": "short"}), 2, "at least 32 characters")
+    assert_clean_failure(finrec("serve", "--host", "0.0.0.0", env=ws), 2, "no API keys are configured")
+    res = finrec("serve", "--no-auth", "--host", "0.0.0.0", env=ws)
+    assert_clean_failure(res, 2, "--no-auth is refused on 0.0.0.0", "authentication is OFF")
+    key = tmp_path / "key.toml"
+    key.write_text('[serve]\napi_key = "' + "k" * 40 + '"\n')
+    assert_clean_failure(finrec("--config", str(key), "serve", env=ws), 2, "keys never belong in a settings file")
+
+
+def test_keygen_prints_a_key_and_its_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    res = finrec("keygen", "--name", "web", "-s", "recommend", "-s", "events")
+    assert res.returncode == 0, res.stderr
+    key = res.stdout.split("\n")[1].strip()
+    assert len(key) >= 32 and hashlib.sha256(key.encode()).hexdigest() in res.stdout
+    (tmp_path / "finrec.toml").write_text(res.stdout[res.stdout.index("[[auth.keys]]"):])
+    shown = finrec("config", "show", "--format", "json", cwd=tmp_path)
+    assert json.loads(shown.stdout)["auth"]["keys"][0]["scopes"] == ["recommend", "events"], shown.stderr
+    assert_clean_failure(finrec("keygen", "-s", "everything"), 2, "unknown scope")
