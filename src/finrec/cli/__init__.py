@@ -412,7 +412,7 @@ def serve(
         out.print(f"serving model {service.recommender.model.version} on http://{srv.host}:{srv.port} "
                   f"(Swagger UI: http://{srv.host}:{srv.port}/docs)")  # fmt: skip
         try:
-            uvicorn.run(create_app(settings, service=service), **common)  # type: ignore[arg-type]
+            uvicorn.run(create_app(settings, service=service), **common)
         finally:
             service.close()
         return
@@ -437,7 +437,7 @@ def serve(
     out.print(f"serving {srv.model_dir or 'the registry champion'} with {srv.workers} workers on http://{srv.host}:{srv.port}")
     try:
         uvicorn.run("finrec.serving.app:app_from_environment", factory=True, workers=srv.workers,
-                    **common)  # type: ignore[arg-type]  # fmt: skip
+                    **common)  # fmt: skip
     finally:
         import shutil
 

@@ -111,7 +111,7 @@ def _cached(service: Service, html: bool) -> tuple[dict[str, Any], str | None]:
 
 
 @router.get("/dashboard", response_class=HTMLResponse, openapi_extra={"x-scopes": ["monitor"]})
-def dashboard(_: MonitorPageCaller, service: ServiceDep) -> HTMLResponse:
+def dashboard(caller: MonitorPageCaller, service: ServiceDep) -> HTMLResponse:
     """Monitoring page (HTML, self-contained): conversion per model and arm, guardrail health, fairness, alerts.
 
     In a browser, give an API key with the `monitor` scope as the password when it asks (any user name).
@@ -121,7 +121,7 @@ def dashboard(_: MonitorPageCaller, service: ServiceDep) -> HTMLResponse:
 
 
 @router.get("/dashboard.json", openapi_extra={"x-scopes": ["monitor"]})
-def dashboard_json(_: MonitorCaller, service: ServiceDep) -> dict[str, Any]:
+def dashboard_json(caller: MonitorCaller, service: ServiceDep) -> dict[str, Any]:
     """The data behind /dashboard, as JSON (the same as `finrec monitor` writes to monitor.json)."""
     report, _ = _cached(service, html=False)
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -10,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from finrec.serving.routes.deps import MonitorCaller
 
 router = APIRouter(tags=["operations"])
-_ANYONE = {"x-scopes": []}
+_ANYONE: dict[str, Any] = {"x-scopes": []}
 
 
 @router.get("/health", openapi_extra=_ANYONE)
