@@ -121,6 +121,8 @@ class EventFollower:
         while not self._stop.wait(interval):
             try:
                 self.sync()
+            except RuntimeError:  # a store was closed: the service is shutting down
+                return
             except Exception as exc:  # never let the thread die: the next tick may succeed
                 if store_unavailable(exc) is None:
                     log.exception("catching up with the event log failed")
