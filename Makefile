@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle bench-security clean
+.PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle clean
 
 # apt-get install the Debian packages $(1) unless every program in $(2) (names or paths) is there: quietly, with
 # no prompts, and `apt-get update` only when the install fails first (a fresh machine's package lists are empty or
@@ -65,13 +65,14 @@ bench-serve: $(STAMP)
 	$(call apt_install,wrk,wrk)
 	$(BIN)/python benchmarks/bench_serve.py
 
+## What authentication, the trusted-event check and durability = "power" cost per request.
+.PHONY: bench-security
+bench-security: $(STAMP)
+	$(BIN)/python benchmarks/bench_security.py
+
 ## How fast promotions and rollbacks serve, and what experiment routing adds to a request.
 bench-lifecycle: $(STAMP)
 	$(BIN)/python benchmarks/bench_lifecycle.py
-
-## What authentication, the trusted-event check and durability = "power" cost per request.
-bench-security: $(STAMP)
-	$(BIN)/python benchmarks/bench_security.py
 
 clean:
 	rm -rf $(VENV) finrec-workspace .pytest_cache .ruff_cache .mypy_cache
