@@ -66,6 +66,11 @@ bench-serve: $(STAMP)
 	$(call apt_install,wrk,wrk)
 	$(BIN)/python benchmarks/bench_serve.py
 
+## What authentication, the trusted-event check and durability = "power" cost per request.
+.PHONY: bench-security
+bench-security: $(STAMP)
+	$(BIN)/python benchmarks/bench_security.py
+
 ## How fast promotions and rollbacks serve, and what experiment routing adds to a request.
 bench-lifecycle: $(STAMP)
 	$(BIN)/python benchmarks/bench_lifecycle.py

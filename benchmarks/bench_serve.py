@@ -58,6 +58,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,17 +208,22 @@ def free_port() -> int:
 
 def get_json(url: str, timeout: float = 10) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"X-API-Key": API_KEY}), timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, None
+
+
+#: The key the benchmark's server accepts (a random one per run) and wrk sends.
+API_KEY = uuid.uuid4().hex + uuid.uuid4().hex
 
 
 def start_server(ws: Path, data: Path, model: Path) -> tuple[subprocess.Popen[bytes], str]:
     for stale in (ws / "audit" / "audit.jsonl", ws / "events.db"):  # the last run's answers and events
         stale.unlink(missing_ok=True)
     port = free_port()
-    env = {**os.environ, "FINREC_WORKSPACE": str(ws.resolve()), "FINREC_SERVE__CLOCK": "data"}
+    env = {**os.environ, "FINREC_WORKSPACE": str(ws.resolve()), "FINREC_SERVE__CLOCK": "data",
+           "FINREC_SERVE__API_KEY": API_KEY}  # every scope, no rate limit  # fmt: skip
     cmd = [sys.executable, "-m", "finrec", "serve", "--model-dir", str(model), "--data", str(data),
            "--port", str(port), "--workers", "1"]  # fmt: skip
     with open(ws / "serve.log", "wb") as out:
@@ -296,7 +302,8 @@ def parse_wrk(out: str) -> dict[str, Any]:
 def run_wrk(base: str, endpoint: str, connections: int, seconds: int, args: argparse.Namespace,
             script: Path) -> dict[str, Any]:  # fmt: skip
     threads = max(1, min(args.threads, connections))
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+           "-H", f"X-API-Key: {API_KEY}"]  # fmt: skip
     cmd += ["-s", str(script), base] if endpoint == "recommend" else [f"{base}/health"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=seconds + 120)
     if res.returncode != 0:

@@ -22,9 +22,10 @@ from typing import Any
 
 import httpx
 
-from finrec.testing import REDIS_TEST_URL
+from finrec.testing import REDIS_TEST_URL, TEST_API_KEY
 
-API_KEY = "k"
+#: The servers' ``serve.api_key``: the key named ``admin``, with every scope (recommend, events:trusted, ...).
+API_KEY = TEST_API_KEY
 ADMIN = {"X-API-Key": API_KEY}
 
 
@@ -66,13 +67,14 @@ class Server:
     """``finrec serve`` in a subprocess; output goes to files (a full pipe would block the server).
 
     ``args`` are extra command-line options (``--workers 2``), ``env`` extra variables
-    (``FINREC_SERVE__EVENT_STORE``). Without ``model_dir`` it serves the registry's champion
-    (``FINREC_REGISTRY__ROOT``). ``proc.pid`` is the ``python -m finrec serve`` process itself: with one
-    worker uvicorn serves in it, with several it is their supervisor.
+    (``FINREC_SERVE__EVENT_STORE``), ``root_args`` options before the command (``--config FILE``). Without
+    ``model_dir`` it serves the registry's champion (``FINREC_REGISTRY__ROOT``). ``proc.pid`` is the
+    ``python -m finrec serve`` process itself: with one worker uvicorn serves in it, with several it is their
+    supervisor.
     """
 
     def __init__(self, model_dir: Path | None, data: Path, workdir: Path, args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None) -> None:  # fmt: skip
+                 env: Mapping[str, str] | None = None, root_args: Sequence[str] = ()) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,8 @@ class Server:
         self.workspace = workdir / "workspace"  # audit log, event store, clock: never in the repo
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "finrec", "serve", *(["--model-dir", str(model_dir)] if model_dir else []),
+                [sys.executable, "-m", "finrec", *root_args, "serve",
+                 *(["--model-dir", str(model_dir)] if model_dir else []),
                  "--data", str(data), "--port", str(self.port), *args],
                 stdout=out, stderr=err, env=server_env(self.workspace, env), cwd=workdir,
                 start_new_session=True,  # its own process group: workers can be stopped with it
@@ -111,7 +114,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited early ({self.proc.returncode}): {self.output()}")
             try:
-                text = httpx.get(f"{self.url}/metrics", timeout=5).text
+                text = httpx.get(f"{self.url}/metrics", headers=ADMIN, timeout=5).text
                 pids = {int(labels["pid"]) for labels, value in samples(text, "finrec_model_info")
                         if "pid" in labels and value == 1}  # fmt: skip
             except httpx.TransportError:
@@ -141,7 +144,7 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # orphaned workers of a server killed alone
 
 
-#: The ``server_factory`` fixture: ``start(model_dir, data, *args, env=None)``.
+#: The ``server_factory`` fixture: ``start(model_dir, data, *args, env=None, root_args=())``.
 ServerFactory = Callable[..., Server]
 
 

@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -63,6 +64,14 @@ class EventSettings(_Section):
         if any(g < 0 for g in v.values()):
             raise ValueError("grades must be >= 0")
         return v
+
+    durability: Literal["process", "power"] = Field(
+        "process",
+        description="When POST /events answers, its events survive: `process` (a kill of the service: SQLite "
+        "synchronous=NORMAL; Redis as configured) or `power` (a power loss or an OS crash too: SQLite "
+        "synchronous=FULL, an fsync per batch; a Redis event store is refused unless the server runs with "
+        "`appendonly yes` and `appendfsync always`). See docs/security.md for the measured cost.",
+    )
 
 
 class ValidationSettings(_Section):
@@ -201,7 +210,9 @@ class ServeSettings(_Section):
         "simulations that must live through days of feedback, cooling-off and drift in minutes.",
     )
     api_key: SecretStr | None = Field(
-        None, description="Key of the admin endpoints (header X-API-Key). Unset: admin endpoints are off."
+        None,
+        description="A key with every scope, named `admin` (header X-API-Key), at least 32 characters; from the "
+        "environment only (FINREC_SERVE__API_KEY), never from a file. Prefer named keys in [[auth.keys]].",
     )
     cooling_off_days: float = Field(30, ge=0, description="Days after a decline during which a product is not shown.")
     frequency_cap: int = Field(
@@ -228,13 +239,120 @@ class ServeSettings(_Section):
         "(shared by every worker and replica: a decline posted to one is seen by all).",
     )
     max_events_per_request: int = Field(1000, ge=1, le=100_000, description="Largest POST /events batch.")
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        le=1_073_741_824,
+        description="Largest request body in bytes (413 beyond it, before it is parsed). Raise it together with "
+        "max_events_per_request: an event takes about 250 bytes.",
+    )
+    request_id_max_age_days: float = Field(
+        7,
+        gt=0,
+        description="Customer-side events (impression, view, click, apply) must name the request_id of an answer "
+        "this service gave the same customer at most this long ago (service clock).",
+    )
+    request_key_file: Path | None = Field(
+        None,
+        description="Key that signs the request_ids of answers, so that events can prove which answer they follow "
+        "(default: <workspace>/secrets/request.key; created with mode 0600; share it between hosts).",
+    )
+    models_root: Path | None = Field(
+        None,
+        description="POST /admin/reload loads bundles only from under this folder (default: the folder holding "
+        "the bundle served at start-up).",
+    )
+    store_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Longest wait of one store call (a Redis command, a SQLite lock) before the request answers "
+        "503 with Retry-After.",
+    )
+    breaker_failures: int = Field(
+        3, ge=1, le=1000, description="Consecutive failures of a store after which calls to it fail fast (503)."
+    )
+    breaker_reset_seconds: float = Field(
+        5.0, gt=0, le=3600, description="How long a tripped store is left alone before one call tries it again."
+    )
+    catch_up_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="How often each worker applies events from the event log that its online store has not seen "
+        "yet (after an outage of the online store, or events another worker took with a memory:// store).",
+    )
 
     def audit_paths(self, workspace: Path) -> tuple[Path, Path]:
         audit = self.audit_log or workspace / "audit" / "audit.jsonl"
         return audit, self.audit_key_file or audit.with_name("audit.key")
 
+    def request_key_path(self, workspace: Path) -> Path:
+        return self.request_key_file or workspace / "secrets" / "request.key"
+
     def event_store_url(self, workspace: Path) -> str:
         return self.event_store or f"sqlite:///{(workspace / 'events.db').resolve()}"
+
+
+SCOPES: tuple[str, ...] = ("recommend", "recommend:explain", "events", "events:trusted", "monitor", "admin")
+
+
+class KeySettings(_Section):
+    """One API key: its name, what it may do, and where the service finds it (its hash, or the key itself in an
+    environment variable or a file; never the key in the settings file)."""
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Who holds the key; logged and recorded."
+    )
+    scopes: list[Literal["recommend", "recommend:explain", "events", "events:trusted", "monitor", "admin"]] = Field(
+        ..., min_length=1, description="What the key may do (docs/security.md): " + ", ".join(SCOPES) + "."
+    )
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, as hex (`finrec keygen` prints both)."
+    )
+    env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="Environment variable holding the key itself."
+    )
+    file: Path | None = Field(
+        None, description="File holding the key itself (one line; must not be readable by other users)."
+    )
+    rate_per_second: float | None = Field(
+        100.0, gt=0, description="Requests per second this key may make, per worker (null: no limit)."
+    )
+    burst: int = Field(200, ge=1, description="Requests a key may make at once before its rate applies.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeySettings:
+        given = [k for k in ("sha256", "env", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"key {self.name!r} needs exactly one of sha256, env, file (got {given or 'none'})")
+        return self
+
+
+class AuthSettings(_Section):
+    """Who may call the API: named keys with scopes (header X-API-Key). See docs/security.md."""
+
+    keys: list[KeySettings] = Field(
+        default_factory=list, description="API keys (TOML `[[auth.keys]]` tables): name, scopes, and one of "
+        "sha256, env, file. With none (and no serve.api_key) `finrec serve` on a loopback address makes a "
+        "development key; elsewhere it refuses to start.",
+    )
+    disabled: bool = Field(
+        False,
+        description="No authentication: every caller has every scope. Only with `finrec serve --no-auth`, on a "
+        "loopback address, for development; logged loudly.",
+    )
+    dev_key_file: Path | None = Field(
+        None, description="Where the development key is kept (default: <workspace>/secrets/dev-api-key)."
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, v: list[KeySettings]) -> list[KeySettings]:
+        names = [k.name for k in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"key names must be unique (got {names})")
+        return v
 
 
 class MonitorSettings(_Section):
@@ -257,6 +375,12 @@ class MonitorSettings(_Section):
     )
     fairness_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the fairness tests.")
     min_group_size: int = Field(30, ge=1, description="Groups smaller than this are reported but not tested.")
+    min_reported_group_size: int = Field(
+        20,
+        ge=1,
+        description="Fairness cells of groups with fewer customers than this are suppressed on /dashboard and in its "
+        "JSON (no counts or rates), so that no small group's numbers single out a customer.",
+    )
 
 
 class RegistrySettings(_Section):
@@ -383,6 +507,7 @@ class FinrecSettings(BaseSettings):
     evaluate: EvaluateSettings = Field(default_factory=lambda: EvaluateSettings())
     serve: ServeSettings = Field(default_factory=lambda: ServeSettings())
     monitor: MonitorSettings = Field(default_factory=lambda: MonitorSettings())
+    auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
     registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings())
     retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
     experiments: list[ExperimentSettings] = Field(
@@ -429,13 +554,18 @@ def resolve_config_file(config_file: Path | None, environ: Mapping[str, str]) ->
     return default if default.is_file() else None
 
 
+#: Variables of finrec's own that are not settings: the config file, the resolved settings `finrec serve` hands
+#: its worker processes, the access log flag, and the key clients such as `finrec simulate` send.
+_OWN_VARIABLES = frozenset({"FINREC_CONFIG", "FINREC_RESOLVED_SETTINGS", "FINREC_ACCESS_LOG", "FINREC_API_KEY"})
+
+
 def _check_env_names(environ: Mapping[str, str]) -> None:
     """pydantic-settings ignores unknown variables; a typo must not pass silently."""
     known = set(FinrecSettings.model_fields)
     bad = sorted(
         k
         for k in environ
-        if k.startswith("FINREC_") and k != "FINREC_CONFIG" and k[7:].lower().split("__")[0] not in known
+        if k.startswith("FINREC_") and k not in _OWN_VARIABLES and k[7:].lower().split("__")[0] not in known
     )
     if bad:
         raise ConfigError(
@@ -468,9 +598,16 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> FinrecSe
                 f"config file {path} does not exist", hint="pass an existing TOML file or unset FINREC_CONFIG"
             )
         try:
-            tomllib.loads(path.read_text(encoding="utf-8"))
+            parsed = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        serve_table = parsed.get("serve")
+        if isinstance(serve_table, dict) and "api_key" in serve_table:
+            raise ConfigError(
+                f"config file {path} holds an API key (serve.api_key): keys never belong in a settings file",
+                hint="put the key's SHA-256 in an [[auth.keys]] table (`finrec keygen` prints both), or pass the key "
+                "in the environment (FINREC_SERVE__API_KEY)",
+            )
         cls = type(
             "FinrecSettingsFromFile",
             (FinrecSettings,),
@@ -488,3 +625,33 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> FinrecSe
             hint="`finrec config show` prints the resolved settings; nested keys in variables use `__`, "
             "e.g. FINREC_GENERATE__USERS=1000",
         ) from None
+
+
+def dump_resolved_settings(settings: FinrecSettings, path: Path) -> None:
+    """Write the resolved settings as JSON (mode 0600) for :func:`load_resolved_settings` in another process.
+
+    ``finrec serve --workers N`` hands its workers the settings it resolved (file, variables and flags) this way;
+    secrets (``serve.api_key``) are written in clear, so the file lives in a private temporary folder.
+    """
+    data = json.loads(settings.model_dump_json())
+    key = settings.serve.api_key
+    data["serve"]["api_key"] = None if key is None else key.get_secret_value()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def load_resolved_settings(path: Path) -> FinrecSettings:
+    """Settings written by :func:`dump_resolved_settings`, as they were: no file, variable or default is read again.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or does not hold valid settings.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return FinrecSettings.model_validate(data)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the resolved settings {path}: {exc}",
+                          hint="start the service with `finrec serve`") from None  # fmt: skip

@@ -42,3 +42,9 @@ def drop_redis_keys(prefix: str) -> None:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+#: An API key for the test suites (40 characters; as ``serve.api_key`` it is the ``admin`` key with every scope).
+TEST_API_KEY = "finrec-test-key-0123456789abcdefghijklmn"
+#: The header that sends :data:`TEST_API_KEY`.
+TEST_HEADERS = {"X-API-Key": TEST_API_KEY}

@@ -375,3 +375,47 @@ def test_redis_key_layout_and_ttl(redis_prefix_url: str) -> None:
         store.close()
     with pytest.raises(ConfigError, match="ttl_days"):
         RedisOnlineStore(redis_prefix_url, ttl_days=0)
+
+
+# -- the position in the event log (apply) ---------------------------------------------------------------
+
+
+def test_apply_records_and_moves_the_position_only_from_where_it_is(store: OnlineFeatureStore) -> None:
+    assert store.position() is None
+    assert store.apply([ev(TS, product_id="P-1")], after=0, upto=3)
+    assert store.position() == 3 and store.recent("C-1") == [act(TS, "P-1")]
+    assert not store.apply([ev(TS + 1, product_id="P-2")], after=0, upto=5)  # stale: nothing written
+    assert store.position() == 3 and store.recent("C-1") == [act(TS, "P-1")]
+    assert store.product_counts() == {"P-1": {"click": 1}}
+    assert store.apply([], after=3, upto=9) and store.position() == 9  # a position without events
+    with pytest.raises(ValueError):
+        store.apply([], after=9, upto=8)
+    with pytest.raises(TypeError):
+        store.apply(["not an event"], after=9, upto=10)  # type: ignore[list-item]
+    assert store.position() == 9
+
+
+def test_two_stores_on_one_url_apply_each_entry_once(shared_url: str) -> None:
+    a, b = open_online_store(shared_url), open_online_store(shared_url)
+    try:
+        assert a.apply([ev(TS)], after=0, upto=1)
+        assert not b.apply([ev(TS)], after=0, upto=1)  # b read position 0 before a moved it: refused
+        assert b.position() == 1 and len(b.recent("C-1")) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_follower_applies_the_log_once_and_catches_up_after_missing_events(store: OnlineFeatureStore) -> None:
+    from finrec.events.store import open_event_store
+    from finrec.features.online.follow import EventFollower
+
+    log = open_event_store("memory://")
+    follower = EventFollower(log, store, batch=2)
+    log.append([ev(TS + i, product_id=f"P-{i}") for i in range(5)])
+    assert follower.sync() == 5 and store.position() == 5
+    assert follower.sync() == 0  # nothing new: nothing applied twice
+    log.append([ev(TS + 10, product_id="P-9")])
+    follower.after_append()
+    assert [a.product_id for a in store.recent("C-1")] == [f"P-{i}" for i in range(5)] + ["P-9"]
+    log.close()

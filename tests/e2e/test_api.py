@@ -34,17 +34,19 @@ from starlette.exceptions import StarletteDeprecationWarning
 from finrec.config import FinrecSettings
 from finrec.data.dataset import ETYPE
 from finrec.serving.app import create_app
-from finrec.serving.audit import pseudonymise
+from finrec.serving.audit import pseudonymise, pseudonymise_request
+from finrec.serving.auth import KeyTable
 from finrec.serving.guardrails import DAY, GUARDRAILS
 from finrec.serving.recommender import MAX_K
 from finrec.serving.service import Service
+from finrec.testing import TEST_API_KEY
 
 with warnings.catch_warnings():
     # Starlette asks for `httpx2` instead of `httpx` at import time; the client works the same either way.
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient
 
-KEY = "test-key"
+KEY = TEST_API_KEY  # serve.api_key: the `admin` key, with every scope
 ADMIN = {"X-API-Key": KEY}
 N_PRODUCTS = 40
 SUITABILITY_CATEGORIES = ("investment_fund", "pension")  # the default rules.suitability_categories
@@ -61,8 +63,8 @@ STATUSES: list[tuple[str, str, int]] = []
 class RecordingClient(TestClient):
     """A TestClient that records every status it sees and returns 5xx responses instead of raising."""
 
-    def __init__(self, app: Any) -> None:
-        super().__init__(app, raise_server_exceptions=False)
+    def __init__(self, app: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(app, raise_server_exceptions=False, headers=ADMIN if headers is None else headers)
 
     def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         response = super().request(method, url, *args, **kwargs)
@@ -234,9 +236,11 @@ def test_answers_are_unique_eligible_and_never_a_held_product(
 
 
 def test_request_id_header_is_echoed_and_becomes_the_answers_id(client: RecordingClient) -> None:
+    # The answer's id starts with the caller's and is signed (time and tag): events can prove which answer they
+    # follow. The response header carries the same id.
     r = client.get("/recommend/3", headers={"X-Request-ID": "client-req-42"})
     assert r.status_code == 200
-    assert r.headers["x-request-id"] == "client-req-42" and r.json()["request_id"] == "client-req-42"
+    assert r.headers["x-request-id"] == r.json()["request_id"] and r.json()["request_id"].startswith("client-req-42.")
     # An id the service cannot safely log is replaced by one of its own, and that one is echoed.
     r = client.get("/recommend/3", headers={"X-Request-ID": "bad id; with spaces"})
     assert r.status_code == 200 and r.json()["request_id"] == r.headers["x-request-id"] != "bad id; with spaces"
@@ -605,23 +609,24 @@ def test_unknown_route_and_wrong_method_answer_json(client: RecordingClient) -> 
 # -- admin ---------------------------------------------------------------------------------------------------
 
 
-def test_admin_endpoints_are_off_without_a_configured_key(svc: Service) -> None:
-    serve = svc.settings.serve.model_copy(update={"api_key": None})
-    keyless = Service(svc.settings.model_copy(update={"serve": serve}), svc.recommender, svc.model_dir, None, None)
-    with RecordingClient(create_app(keyless.settings, service=keyless)) as c:
+def test_without_keys_every_route_but_health_and_ready_answers_401(svc: Service) -> None:
+    with RecordingClient(create_app(svc.settings, service=svc, keys=KeyTable([])), headers={}) as c:
         for headers in ({}, ADMIN, {"X-API-Key": ""}):
-            for r in (c.post("/admin/reload", headers=headers), c.get("/admin/audit/1", headers=headers)):
-                assert r.status_code == 403, r.text
-                assert "admin endpoints are off" in r.json()["error"] and "api_key" in r.json()["error"]
-        assert c.get("/recommend/1").status_code == 200  # the rest of the API is unaffected
+            for r in (c.post("/admin/reload", headers=headers), c.get("/admin/audit/1", headers=headers),
+                      c.get("/recommend/1", headers=headers), c.post("/events", json=[], headers=headers),
+                      c.get("/metrics", headers=headers), c.get("/dashboard.json", headers=headers)):  # fmt: skip
+                assert r.status_code == 401, r.text
+                assert "X-API-Key" in r.json()["error"] and r.json()["hint"] and r.json()["request_id"]
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-API-Key": KEY + " "},
                                      {"Authorization": f"Bearer {KEY}"}])  # fmt: skip
-def test_admin_endpoints_refuse_a_missing_or_wrong_key(client: RecordingClient, headers: dict[str, str]) -> None:
-    for r in (client.post("/admin/reload", headers=headers), client.get("/admin/audit/1", headers=headers)):
-        assert r.status_code == 401, r.text
-        assert "X-API-Key" in r.json()["error"] and r.headers["www-authenticate"] == "X-API-Key"
+def test_admin_endpoints_refuse_a_missing_or_wrong_key(svc: Service, headers: dict[str, str]) -> None:
+    with RecordingClient(create_app(svc.settings, service=svc), headers={}) as anon:
+        for r in (anon.post("/admin/reload", headers=headers), anon.get("/admin/audit/1", headers=headers)):
+            assert r.status_code == 401, r.text
+            assert "X-API-Key" in r.json()["error"] and r.headers["www-authenticate"] == "X-API-Key"
 
 
 def test_reload_of_the_same_bundle_swaps_it_in_and_reports_versions(
@@ -633,7 +638,7 @@ def test_reload_of_the_same_bundle_swaps_it_in_and_reports_versions(
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["previous_version"] == out["model_version"] == version
-        assert Path(out["model_dir"]) == tiny_model and out["seconds"] >= 0
+        assert out["model_dir"] == tiny_model.name and out["seconds"] >= 0  # relative: no server paths
     assert recommend(client, "1")["model_version"] == version
     ok = [v for name, labels, v in metric_samples(client)
           if name == "finrec_model_reloads_total" and labels["outcome"] == "ok"]  # fmt: skip
@@ -670,13 +675,17 @@ def test_corrupt_bundle_is_refused_and_the_old_model_keeps_serving(
     client: RecordingClient, svc: Service, tiny_model: Path, tmp_path: Path, how: str
 ) -> None:
     version = client.get("/ready").json()["model_version"]
-    bundle = tmp_path / "bundle"
+    bundle = tiny_model.parent / f"corrupt-{how}"  # under the models folder: reload loads only from there
     if how != "no-folder":
         shutil.copytree(tiny_model, bundle)
         _corrupt(bundle, how)
-    r = client.post("/admin/reload", headers=ADMIN, json={"model_dir": str(bundle)})
+    try:
+        r = client.post("/admin/reload", headers=ADMIN, json={"model_dir": bundle.name})
+    finally:
+        shutil.rmtree(bundle, ignore_errors=True)
     assert r.status_code == 422, r.text
     assert r.json()["error"].startswith("refused: ") and r.json()["hint"]
+    assert str(tiny_model.parent) not in r.text  # no server paths in an answer
     assert client.get("/ready").json()["model_version"] == version
     assert recommend(client, "5")["model_version"] == version
     assert svc.model_dir == tiny_model  # a later plain reload reloads the serving bundle, not the refused one
@@ -694,11 +703,14 @@ def test_admin_audit_returns_pseudonymised_records_and_the_cli_finds_the_same(
     assert r.status_code == 200
     body = r.json()
     assert body["user_id"] == AUDITED_CUSTOMER and body["skipped_lines"] == 0
-    records = {rec["request_id"]: rec for rec in body["records"]}
-    assert set(rids) <= set(records)
     assert svc.audit_key is not None
+    # The log holds a keyed hash of each answer's request id, never the id: joined with the event store's raw
+    # customer ids, the id would name the customer behind the pseudonym.
+    records = {rec["request"]: rec for rec in body["records"]}
+    hashed = [pseudonymise_request(a["request_id"], svc.audit_key) for a in answers]
+    assert set(hashed) <= set(records) and all("request_id" not in rec for rec in body["records"])
     pseudonym = pseudonymise(AUDITED_CUSTOMER, svc.audit_key)
-    for rid, answer in zip(rids, answers, strict=True):
+    for rid, answer in zip(hashed, answers, strict=True):
         rec = records[rid]
         assert rec["customer"] == pseudonym != AUDITED_CUSTOMER and len(pseudonym) == 32
         assert "user_id" not in rec and "customer_id" not in rec
@@ -709,7 +721,7 @@ def test_admin_audit_returns_pseudonymised_records_and_the_cli_finds_the_same(
     # Another customer's records are not mixed in; `limit` keeps the latest.
     assert all(rec["customer"] == pseudonym for rec in body["records"])
     latest = client.get(f"/admin/audit/{AUDITED_CUSTOMER}?limit=1", headers=ADMIN).json()["records"]
-    assert [rec["request_id"] for rec in latest] == rids[-1:]
+    assert [rec["request"] for rec in latest] == hashed[-1:]
     assert client.get("/admin/audit/never-asked-for", headers=ADMIN).json()["records"] == []
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")} | {"COLUMNS": "200"}
@@ -718,7 +730,7 @@ def test_admin_audit_returns_pseudonymised_records_and_the_cli_finds_the_same(
                           str(svc.audit_path)], capture_output=True, text=True, env=env, timeout=120,
                          cwd=svc.audit_path.parent)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
-    for rid in rids:
+    for rid in hashed:
         assert rid in res.stdout, res.stdout
     assert "Traceback" not in res.stdout + res.stderr
 

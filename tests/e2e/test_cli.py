@@ -118,11 +118,18 @@ def test_demo_runs_the_whole_job_and_serves_the_api(tmp_path: Path) -> None:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")} | env | {"COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "finrec", "demo", "--workspace", str(tmp_path / "ws")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)  # fmt: skip
+    key_file = tmp_path / "ws" / "secrets" / "dev-api-key"  # the development key the demo prints
     try:
-        body = _wait_for_json(f"http://127.0.0.1:{port}/recommend/1?k=3", proc, timeout=600)
+        body = _wait_for_json(f"http://127.0.0.1:{port}/recommend/1?k=3", proc, timeout=600, key_file=key_file)
         assert body["user_id"] == "1" and len(body["items"]) <= 3
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600" and len(key_file.read_text().strip()) >= 32
+        # Without the key: 401.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/recommend/1?k=3", timeout=10)
+        assert refused.value.code == 401
         # 20 products and some opted out of marketing: not everyone gets an answer, most customers do.
-        answers = [_wait_for_json(f"http://127.0.0.1:{port}/recommend/{u}?k=3", proc, 10) for u in range(1, 21)]
+        answers = [_wait_for_json(f"http://127.0.0.1:{port}/recommend/{u}?k=3", proc, 10, key_file)
+                   for u in range(1, 21)]
         assert sum(1 <= len(a["items"]) <= 3 for a in answers) >= 10, answers
         assert all(item["reasons"] for a in answers for item in a["items"])
     finally:
@@ -130,20 +137,49 @@ def test_demo_runs_the_whole_job_and_serves_the_api(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stdout + stderr
     assert "valid" in stdout and "trained" in stdout and "Traceback" not in stdout + stderr
+    assert "development key" in stdout and key_file.read_text().strip() in stdout  # printed, clearly
     assert (tmp_path / "ws" / "report.html").is_file() and (tmp_path / "ws" / "model" / "manifest.json").is_file()
     assert (tmp_path / "ws" / "audit" / "audit.jsonl").is_file()  # the answer above was audited
     again = finrec("demo", "--workspace", str(tmp_path / "ws"), "--no-serve", env=env)
     assert again.returncode == 0 and "reusing" in again.stdout
 
 
-def _wait_for_json(url: str, proc: subprocess.Popen[str], timeout: float) -> dict:
+def _wait_for_json(url: str, proc: subprocess.Popen[str], timeout: float, key_file: Path) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"demo exited early ({proc.returncode}): {proc.communicate()}")
+        if not key_file.is_file():
+            time.sleep(1)
+            continue
+        request = urllib.request.Request(url, headers={"X-API-Key": key_file.read_text().strip()})
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            with urllib.request.urlopen(request, timeout=5) as r:
                 return dict(json.loads(r.read()))
         except (urllib.error.URLError, ConnectionError):
             time.sleep(1)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def test_serve_refuses_short_keys_an_open_address_without_keys_and_no_auth_off_loopback(tmp_path: Path) -> None:
+    ws = {"FINREC_WORKSPACE": str(tmp_path / "ws")}
+    assert_clean_failure(finrec("serve", env={**ws, "FINREC_SERVE__API_KEY": "short"}), 2, "at least 32 characters")
+    assert_clean_failure(finrec("serve", "--host", "0.0.0.0", env=ws), 2, "no API keys are configured")
+    res = finrec("serve", "--no-auth", "--host", "0.0.0.0", env=ws)
+    assert_clean_failure(res, 2, "--no-auth is refused on 0.0.0.0", "authentication is OFF")
+    key = tmp_path / "key.toml"
+    key.write_text('[serve]\napi_key = "' + "k" * 40 + '"\n')
+    assert_clean_failure(finrec("--config", str(key), "serve", env=ws), 2, "keys never belong in a settings file")
+
+
+def test_keygen_prints_a_key_and_its_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    res = finrec("keygen", "--name", "web", "-s", "recommend", "-s", "events")
+    assert res.returncode == 0, res.stderr
+    key = res.stdout.split("\n")[1].strip()
+    assert len(key) >= 32 and hashlib.sha256(key.encode()).hexdigest() in res.stdout
+    (tmp_path / "finrec.toml").write_text(res.stdout[res.stdout.index("[[auth.keys]]"):])
+    shown = finrec("config", "show", "--format", "json", cwd=tmp_path)
+    assert json.loads(shown.stdout)["auth"]["keys"][0]["scopes"] == ["recommend", "events"], shown.stderr
+    assert_clean_failure(finrec("keygen", "-s", "everything"), 2, "unknown scope")

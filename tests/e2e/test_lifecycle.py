@@ -25,9 +25,9 @@ from finrec.monitoring.conversion import iter_events
 from finrec.registry import CHALLENGER, CHAMPION, ModelRegistry
 from finrec.serving.app import create_app
 from finrec.serving.service import Service
-from finrec.testing import TINY_TRAIN
+from finrec.testing import TEST_API_KEY, TINY_TRAIN
 
-KEY = "lifecycle-key"
+KEY = TEST_API_KEY  # serve.api_key: the key named `admin`, with every scope
 ADMIN = {"X-API-Key": KEY}
 EXPERIMENT = {"name": "pop-vs-champion", "arms": {"control": {"model": "champion", "weight": 1},
                                                  "treatment": {"model": "challenger", "weight": 1}}}  # fmt: skip
@@ -73,7 +73,7 @@ def lifecycle(registry_root: Path, tiny_world: Path, tmp_path: Path) -> Iterator
     root = copy_registry(registry_root, tmp_path / "registry")  # each test moves aliases on its own copy
     settings = settings_for(tmp_path / "ws", root)
     service = Service.from_settings(settings, data_dir=tiny_world)
-    with TestClient(create_app(settings, service=service), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings, service=service), raise_server_exceptions=False, headers=ADMIN) as client:
         yield client, service, root
     service.close()
 
@@ -124,14 +124,31 @@ def test_forced_promotion_then_rollback_switch_the_serving_model_at_once(
     assert r.status_code == 200, r.text
     assert answer(client, "1")["model_version"] == v1
     actions = [h["action"] for h in reg.history()]
-    assert actions[-2:] == ["promote", "rollback"] and reg.history()[-1]["by"] == "api"
+    assert actions[-2:] == ["promote", "rollback"]
+    assert [h["by"] for h in reg.history()[-2:]] == ["admin", "admin"]  # the key's name, not "api"
     ready = client.get("/ready").json()
     assert ready["source"] == "registry" and ready["models"] == {"champion": v1}
 
 
+def test_promoting_a_version_whose_bundle_cannot_load_is_409_and_the_alias_stays(
+    lifecycle: tuple[TestClient, Service, Path],
+) -> None:
+    client, service, root = lifecycle
+    reg = ModelRegistry(root)
+    before = answer(client, "1")["model_version"]
+    (reg.path("v2") / "model.json").write_text("{not json")  # registered fine, broken since
+    for r in (client.post("/admin/promote", json={"version": "challenger", "force": True}),
+              client.post("/admin/rollback", json={"to": "v2"})):  # fmt: skip
+        assert r.status_code == 409, r.text
+        assert "v2 cannot be" in r.json()["error"] and "unchanged" in r.json()["hint"]
+        assert str(root) not in r.text  # no server paths in an answer
+    assert reg.resolve(CHAMPION) == "v1" and [h["action"] for h in reg.history()][-1] != "promote"
+    assert answer(client, "1")["model_version"] == before
+
+
 def test_admin_registry_operations_need_the_key_and_validate_input(lifecycle: tuple[TestClient, Service, Path]) -> None:
     client, _, _ = lifecycle
-    assert client.post("/admin/promote", json={}).status_code == 401
+    assert client.post("/admin/promote", json={}, headers={"X-API-Key": ""}).status_code == 401
     r = client.post("/admin/promote", json={"version": "v9"}, headers=ADMIN)
     assert r.status_code == 404 and "v9" in r.json()["error"]
     r = client.post("/admin/promote", json={"version": "v1", "extra": 1}, headers=ADMIN)
@@ -176,7 +193,7 @@ def test_experiment_arms_serve_their_models_and_events_carry_the_arm(
     version_of = {"control": reg.entry("v1")["model_version"], "treatment": reg.entry("v2")["model_version"]}
     service = Service.from_settings(settings, data_dir=tiny_world)
     try:
-        with TestClient(create_app(settings, service=service)) as client:
+        with TestClient(create_app(settings, service=service), headers=ADMIN) as client:
             arms: dict[str, int] = {}
             for user in range(1, 401):
                 body = answer(client, str(user))
@@ -208,7 +225,7 @@ def test_an_experiment_needing_a_missing_challenger_is_served_by_the_champion(
     settings = settings_for(tmp_path / "ws", reg.root, [EXPERIMENT])
     service = Service.from_settings(settings, data_dir=tiny_world)
     try:
-        with TestClient(create_app(settings, service=service)) as client:
+        with TestClient(create_app(settings, service=service), headers=ADMIN) as client:
             bodies = [answer(client, str(u)) for u in range(1, 41)]
         assert {b["model_version"] for b in bodies} == {reg.entry("v1")["model_version"]}
         assert {b["arm"] for b in bodies} == {"control", "treatment"}  # still assigned: analysis sees the truth

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from live_server import Server
+from live_server import API_KEY, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -88,6 +88,12 @@ def test_try_recommend_from_the_swagger_ui(server: str, tmp_path: Path) -> None:
         block_xpath = (f"//div[contains(@class, 'opblock-get')]"
                        f"[.//*[contains(@class, 'opblock-summary-path') and @data-path='{OPERATION}']]")  # fmt: skip
         block = wait.until(ec.presence_of_element_located((By.XPATH, block_xpath)))
+        # Authorize with an API key, as a person does: the padlock button, the key, Authorize, Close.
+        driver.find_element(By.CSS_SELECTOR, ".scheme-container button.authorize").click()
+        field = wait.until(lambda _: driver.find_elements(By.CSS_SELECTOR, ".modal-ux input"))[0]
+        field.send_keys(API_KEY)
+        driver.find_element(By.CSS_SELECTOR, ".modal-ux .auth-btn-wrapper button.authorize").click()
+        wait.until(lambda _: driver.find_elements(By.CSS_SELECTOR, ".modal-ux button.btn-done"))[0].click()
         block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()  # expand the operation
         wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))[0].click()
         user = wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, "input[placeholder='user_id']"))[0]
@@ -111,7 +117,7 @@ def test_try_recommend_from_the_swagger_ui(server: str, tmp_path: Path) -> None:
         assert answer["user_id"] == "7" and answer["k"] == 3 and len(answer["items"]) <= 3
         # The UI shows the request it sent, as a curl command a person can copy.
         curl = block.find_element(By.CSS_SELECTOR, ".curl-command").text
-        assert "/recommend/7?k=3" in curl, curl
+        assert "/recommend/7?k=3" in curl and "X-API-Key" in curl, curl
     except Exception:
         driver.save_screenshot(str(shot))  # what the page showed when it went wrong
         raise

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,9 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """
     started: list[Server] = []
 
-    def start(model_dir: Path, data: Path, *args: str, env: Mapping[str, str] | None = None) -> Server:
-        srv = Server(model_dir, data, tmp_path / f"server{len(started)}", args, env)
+    def start(model_dir: Path, data: Path, *args: str, env: Mapping[str, str] | None = None,
+              root_args: Sequence[str] = ()) -> Server:  # fmt: skip
+        srv = Server(model_dir, data, tmp_path / f"server{len(started)}", args, env, root_args)
         started.append(srv)
         return srv
 

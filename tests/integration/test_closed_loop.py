@@ -31,7 +31,7 @@ from finrec.lifecycle.retrain import retrain
 from finrec.monitoring.alerts import alerts_path, read_alerts
 from finrec.registry import CHAMPION, ModelRegistry
 from finrec.simulation.loop import run_simulation
-from live_server import ADMIN, Server, ServerFactory
+from live_server import ADMIN, API_KEY, Server, ServerFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -78,7 +78,7 @@ def test_ab_test_declares_the_champion_better_than_popularity(
     champion, popularity = champion_and_popularity
     registry_with(tmp_path / "registry", champion, popularity)
     srv = start(server_factory, small_world, tmp_path / "registry", FINREC_EXPERIMENTS=EXPERIMENT)
-    report = run_simulation(srv.url, small_world, minutes=0.4, rate=40, seed=1, progress=False)
+    report = run_simulation(srv.url, small_world, minutes=0.4, rate=40, seed=1, progress=False, api_key=API_KEY)
     assert report.failed_total == 0 and report.answered > 500
     settings = clean_settings(srv.workspace, experiments=json.loads(EXPERIMENT))
     analysis = analyze_configured(settings, "champion-vs-popularity")
@@ -97,11 +97,12 @@ def test_bad_model_forced_in_then_rolled_back_under_load_without_a_failed_reques
 ) -> None:
     champion, popularity = champion_and_popularity
     reg = registry_with(tmp_path / "registry", champion, popularity)
-    srv = start(server_factory, small_world, tmp_path / "registry", FINREC_SERVE__API_KEY="k")
+    srv = start(server_factory, small_world, tmp_path / "registry")
     good, bad = reg.entry("v1")["model_version"], reg.entry("v2")["model_version"]
     result: dict[str, Any] = {}
     sim = threading.Thread(target=lambda: result.update(report=run_simulation(
-        srv.url, small_world, minutes=0.5, rate=40, seed=2, progress=False, window_seconds=2)))  # fmt: skip
+        srv.url, small_world, minutes=0.5, rate=40, seed=2, progress=False, api_key=API_KEY,
+        window_seconds=2)))  # fmt: skip
     sim.start()
     time.sleep(8)
     r = httpx.post(f"{srv.url}/admin/promote", json={"version": "challenger", "force": True, "reason": "drill"},
@@ -111,7 +112,7 @@ def test_bad_model_forced_in_then_rolled_back_under_load_without_a_failed_reques
     t0 = time.monotonic()
     r = httpx.post(f"{srv.url}/admin/rollback", json={"reason": "bad answers"}, headers=ADMIN, timeout=30)
     assert r.status_code == 200, r.text
-    assert httpx.get(f"{srv.url}/recommend/1", timeout=10).json()["model_version"] == good
+    assert httpx.get(f"{srv.url}/recommend/1", headers=ADMIN, timeout=10).json()["model_version"] == good
     assert time.monotonic() - t0 < 5  # the rollback serves within seconds
     sim.join()
     report = result["report"]
@@ -142,7 +143,7 @@ def test_drift_alert_retrain_gate_promotion_and_conversion_recovers(
     # features' 30-day windows fill), at about the world's own rate of sessions per customer (6,000 customers x 0.7
     # a month; 40 requests/s here).
     srv = start(server_factory, drifting_world, root, FINREC_SERVE__CLOCK_SPEED="20000")
-    before = run_simulation(srv.url, drifting_world, minutes=2.5, rate=40, seed=3, progress=False)
+    before = run_simulation(srv.url, drifting_world, minutes=2.5, rate=40, seed=3, progress=False, api_key=API_KEY)
     assert before.failed_total == 0
     settings = clean_settings(srv.workspace, registry={"root": root}, retrain={"eval_days": 5, "label_days": 5})
     result = retrain(settings, if_drift=True, promote=True, progress=False)
@@ -158,7 +159,7 @@ def test_drift_alert_retrain_gate_promotion_and_conversion_recovers(
     while httpx.get(f"{srv.url}/ready", timeout=5).json()["model_version"] != new_version:
         assert time.monotonic() < deadline, "the service did not follow the promotion"
         time.sleep(0.2)
-    after = run_simulation(srv.url, drifting_world, minutes=0.5, rate=40, seed=4, progress=False)
+    after = run_simulation(srv.url, drifting_world, minutes=0.5, rate=40, seed=4, progress=False, api_key=API_KEY)
     assert after.failed_total == 0 and after.model_versions == [new_version]
     b, a = before.totals, after.totals
     assert a.expected_conversions / a.answers > 1.2 * b.expected_conversions / b.answers  # truth: recovered

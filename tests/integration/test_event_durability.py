@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from finrec.events.store import open_event_store
-from live_server import Server, ServerFactory, redis_store_url
+from live_server import ADMIN, Server, ServerFactory, redis_store_url
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def _replayed(srv: Server) -> int:
     """The ``events`` count of the start-up log line of the online store's rebuild."""
     for line in srv.stderr_path.read_text().splitlines():
         record = json.loads(line)
-        if record.get("message") == "online features rebuilt from the event store":
+        if record.get("message") == "online features caught up with the event store":
             return int(record["events"])
     raise AssertionError(f"no rebuild logged: {srv.output()[-2000:]}")
 
@@ -98,7 +98,7 @@ def test_acknowledged_events_survive_a_sigkill_mid_stream_and_rebuild_the_online
     run = uuid.uuid4().hex[:12]
 
     # A decline before the stream: it must still rest the product after the kill and a restart.
-    with httpx.Client(base_url=srv.url, timeout=30) as client:
+    with httpx.Client(base_url=srv.url, headers=ADMIN, timeout=30) as client:
         user, products = _customer_with_products(client)
         declined = products[0]
         decline_id = f"{run}-decline"
@@ -116,7 +116,7 @@ def test_acknowledged_events_survive_a_sigkill_mid_stream_and_rebuild_the_online
     killed, stop = threading.Event(), threading.Event()
 
     def post_loop(client_no: int) -> None:
-        with httpx.Client(base_url=srv.url, timeout=10) as client:  # one keep-alive connection per thread
+        with httpx.Client(base_url=srv.url, headers=ADMIN, timeout=10) as client:  # a keep-alive connection per thread
             for n in range(MAX_BATCHES_PER_CLIENT):
                 if stop.is_set():
                     return
@@ -177,7 +177,7 @@ def test_acknowledged_events_survive_a_sigkill_mid_stream_and_rebuild_the_online
     again = server_factory(tiny_model, tiny_world, env=env)
     again.wait_ready()
     assert _replayed(again) == len(stored)
-    with httpx.Client(base_url=again.url, timeout=30) as client:
+    with httpx.Client(base_url=again.url, headers=ADMIN, timeout=30) as client:
         answer = client.get(f"/recommend/{user}", params={"k": 50})
         assert declined not in _ids(answer), "a decline posted before the kill no longer rests its product"
         assert answer.json()["excluded"]["cooling_off"] >= 1

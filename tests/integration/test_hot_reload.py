@@ -80,7 +80,8 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     # Broken before LightGBM reads anything: a corrupt LightGBM file adds a raw line to stderr (test below).
     (corrupt / "two_tower" / "two_tower.json").write_text('{"format": ')
 
-    srv = server_factory(tiny_model, tiny_world)
+    # Reloads load only from under the models folder: here the test session's folder, which holds every bundle.
+    srv = server_factory(tiny_model, tiny_world, env={"FINREC_SERVE__MODELS_ROOT": str(tmp_path.parent)})
     assert srv.wait_ready()["model_version"] == version_a
 
     stop = threading.Event()
@@ -90,7 +91,7 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
 
     def client_loop(seed: int) -> None:
         rng = random.Random(seed)
-        with httpx.Client(base_url=srv.url, timeout=30) as c:  # one keep-alive connection per client
+        with httpx.Client(base_url=srv.url, headers=ADMIN, timeout=30) as c:  # one keep-alive connection per client
             for _ in range(MAX_REQUESTS_PER_CLIENT):
                 if stop.is_set():
                     return
@@ -114,7 +115,7 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     serving = version_a
     t_end = time.monotonic() + LOAD_SECONDS
     try:
-        with httpx.Client(base_url=srv.url, timeout=60) as admin:
+        with httpx.Client(base_url=srv.url, headers=ADMIN, timeout=60) as admin:
             for target in plan:
                 time.sleep(max(0.0, min(1.0, t_end - time.monotonic())))
                 r = admin.post("/admin/reload", headers=ADMIN, json={"model_dir": str(target)})
@@ -138,7 +139,7 @@ def test_hot_reloads_under_concurrent_load_never_fail_a_request(
     assert not failures, failures[:10]
     assert set(versions) == {version_a, version_b}, versions
     assert sum(versions.values()) > 100, versions  # the load was real
-    metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    metrics = httpx.get(f"{srv.url}/metrics", headers=ADMIN, timeout=10).text
     assert metric(metrics, "finrec_model_reloads_total", outcome="ok") == len(plan) - 1
     assert metric(metrics, "finrec_model_reloads_total", outcome="refused") == 1
     assert metric(metrics, "finrec_model_info", model_version=serving) == 1
@@ -170,14 +171,14 @@ def test_reload_of_a_damaged_ranker_file_is_refused_the_server_survives_and_logs
         ranker.write_text("not a LightGBM model\n")
     else:  # a copy cut short, e.g. by a full disk
         ranker.write_bytes(ranker.read_bytes()[: ranker.stat().st_size // 3])
-    srv = server_factory(tiny_model, tiny_world)
+    srv = server_factory(tiny_model, tiny_world, env={"FINREC_SERVE__MODELS_ROOT": str(tmp_path.parent)})
     version = srv.wait_ready()["model_version"]
     try:
         r = httpx.post(f"{srv.url}/admin/reload", headers=ADMIN, json={"model_dir": str(damaged)}, timeout=60)
     except httpx.TransportError as exc:
         raise AssertionError(f"the server died during the reload: {srv.output()[-2000:]}") from exc
     assert r.status_code == 422 and r.json()["error"].startswith("refused: ")
-    assert httpx.get(f"{srv.url}/recommend/1", timeout=10).json()["model_version"] == version
+    assert httpx.get(f"{srv.url}/recommend/1", headers=ADMIN, timeout=10).json()["model_version"] == version
     assert srv.interrupt() == 0
     _assert_json_logs(srv.stderr_path.read_text())
 

@@ -31,7 +31,7 @@ from finrec.cli.simulate import simulate
 from finrec.config import FinrecSettings
 from finrec.events.store import open_event_store
 from finrec.simulation import SimulatedCustomers, run_simulation
-from live_server import Server, metric
+from live_server import ADMIN, API_KEY, Server, metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def server(tiny_model: Path, tiny_world: Path, tmp_path_factory: pytest.TempPath
 
 
 def _accepted(srv: Server) -> float:
-    return metric(httpx.get(f"{srv.url}/metrics").text, "finrec_events_total", outcome="accepted")
+    return metric(httpx.get(f"{srv.url}/metrics", headers=ADMIN).text, "finrec_events_total", outcome="accepted")
 
 
 def _stored(srv: Server) -> int:
@@ -64,7 +64,7 @@ def test_the_loop_runs_without_failures_and_every_reaction_lands(server: Server,
     customers = SimulatedCustomers.from_world(tiny_world, seed=4)
     accepted0, stored0 = _accepted(server), _stored(server)
     report = run_simulation(server.url, tiny_world, minutes=0.25, rate=20, k=K, seed=4, concurrency=4,
-                            progress=False, customers=customers)  # fmt: skip
+                            progress=False, api_key=API_KEY, customers=customers)  # fmt: skip
     d = report.to_dict()
     run, totals = d["run"], d["totals"]
 
@@ -91,7 +91,7 @@ def test_the_loop_runs_without_failures_and_every_reaction_lands(server: Server,
     # The loop closes: what the simulated customers hold now (approvals, minus what a later approval in the same
     # category replaced) the service knows they hold, so it never shows it to them.
     assert customers.approved, "no approval in 15 s: too few requests to test the loop"
-    with httpx.Client(base_url=server.url) as client:
+    with httpx.Client(base_url=server.url, headers=ADMIN) as client:
         for user in {u for u, _ in customers.approved}:
             shown = {it["product_id"] for it in client.get(f"/recommend/{user}", params={"k": 50}).json()["items"]}
             assert not shown & customers.held_products(user), user
@@ -103,7 +103,8 @@ def test_the_command_writes_its_report_and_plot(server: Server, tiny_world: Path
     app.command("noop", hidden=True)(lambda: None)  # two commands: `simulate` is a subcommand, as in finrec
     output, plot = tmp_path / "sim" / "report.json", tmp_path / "sim" / "conversion.png"
     result = CliRunner().invoke(app, ["simulate", "--url", server.url, "--data", str(tiny_world), "--minutes", "0.05",
-                                      "--rate", "20", "--no-progress", "--output", str(output), "--plot", str(plot)],
+                                      "--rate", "20", "--no-progress", "--api-key", API_KEY, "--output", str(output),
+                                      "--plot", str(plot)],
                                 obj={"settings": FinrecSettings()})  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "no failed requests" in result.output

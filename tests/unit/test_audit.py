@@ -15,12 +15,20 @@ import pytest
 
 from finrec.errors import ArtifactError
 from finrec.serving import audit
-from finrec.serving.audit import AuditLog, load_or_create_key, pseudonymise, read_records
+from finrec.serving.audit import AuditLog, load_or_create_key, pseudonymise, pseudonymise_request, read_records
 
 KEY = bytes(range(32))
+#: Records hold a keyed hash of the request id; the tests name records by the ids they wrote.
+_IDS: dict[str, str] = {}
+
+
+def unhash(hashed: str) -> str:
+    """The request id whose hash under KEY is ``hashed`` (among those written by ``record``)."""
+    return _IDS.get(hashed, hashed)
 
 
 def record(request_id: str, n_items: int = 3, **extra: object) -> dict:
+    _IDS[pseudonymise_request(request_id, KEY)] = request_id
     items = [
         {"product_id": f"P{i}", "rank": i + 1, "score": 0.9 - i / 10, "reasons": ["fits your goals"]}
         for i in range(n_items)
@@ -50,7 +58,7 @@ def test_raw_id_never_written_and_find_returns_only_that_customer_in_order(tmp_p
         found = log.find("customer-alice-123")
     data = path.read_bytes()
     assert b"customer-alice-123" not in data and b"customer-bob-456" not in data
-    assert [r["request_id"] for r in found] == [f"a{i}" for i in range(5)]
+    assert [unhash(r["request"]) for r in found] == [f"a{i}" for i in range(5)]
     assert {r["customer"] for r in found} == {pseudonymise("customer-alice-123", KEY)}
     assert lines(path)[-1]["customer"] is None
     assert read_records(path, bytes(32), "customer-alice-123").records == []  # another key finds nothing
@@ -124,10 +132,10 @@ def test_concurrent_threads_write_whole_lines(tmp_path: Path) -> None:
             th.start()
         for th in threads:
             th.join()
-        assert [r["request_id"] for r in log.find("user3", limit=1000)] == [f"t3-{i}" for i in range(500)]
+        assert [unhash(r["request"]) for r in log.find("user3", limit=1000)] == [f"t3-{i}" for i in range(500)]
     recs = lines(path)
     assert len(recs) == 4000
-    assert len({r["request_id"] for r in recs}) == 4000
+    assert len({unhash(r["request"]) for r in recs}) == 4000
 
 
 def _process_writer(path: str, tag: str, n: int) -> None:
@@ -149,7 +157,8 @@ def test_two_processes_append_whole_lines_to_one_file(tmp_path: Path) -> None:
     assert len(recs) == 4000
     for tag in ("w1", "w2"):
         query = read_records(path, KEY, tag, limit=5000)
-        assert [r["request_id"] for r in query.records] == [f"{tag}-{i}" for i in range(2000)]
+        expected = [pseudonymise_request(f"{tag}-{i}", KEY) for i in range(2000)]  # written in other processes
+        assert [r["request"] for r in query.records] == expected
         assert query.skipped_lines == 0
 
 
@@ -162,7 +171,7 @@ def test_torn_last_line_and_corrupt_line_are_skipped_and_counted(tmp_path: Path)
     corrupt = whole.splitlines()[0].replace(b'"items":', b'"items"', 1) + b"\n"  # braces intact, JSON broken
     path.write_bytes(corrupt + whole[: len(whole) - 20])  # and the second record cut mid-write
     query = read_records(path, KEY, "u1")
-    assert [r["request_id"] for r in query.records] == ["r1"]
+    assert [unhash(r["request"]) for r in query.records] == ["r1"]
     assert query.skipped_lines == 2
 
 
@@ -174,9 +183,9 @@ def test_limit_keeps_the_newest_and_since_filters(tmp_path: Path) -> None:
     with AuditLog(tmp_path / "a.jsonl", KEY) as log:
         for i in range(10):
             log.append(record(f"r{i}", ts=1000.0 + i), "u1")
-        assert [r["request_id"] for r in log.find("u1", limit=3)] == ["r7", "r8", "r9"]
-        assert [r["request_id"] for r in log.find("u1", since=1005.0)] == [f"r{i}" for i in range(5, 10)]
-        assert [r["request_id"] for r in log.find("u1", limit=2, since=1003.0)] == ["r8", "r9"]
+        assert [unhash(r["request"]) for r in log.find("u1", limit=3)] == ["r7", "r8", "r9"]
+        assert [unhash(r["request"]) for r in log.find("u1", since=1005.0)] == [f"r{i}" for i in range(5, 10)]
+        assert [unhash(r["request"]) for r in log.find("u1", limit=2, since=1003.0)] == ["r8", "r9"]
         assert log.find("u1", limit=0) == []
 
 
@@ -191,7 +200,7 @@ def test_close_syncs_and_is_idempotent(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(synced) == 1
     log.close()
     assert len(synced) == 1
-    assert [r["request_id"] for r in read_records(tmp_path / "a.jsonl", KEY, "u1").records] == ["r1"]
+    assert [unhash(r["request"]) for r in read_records(tmp_path / "a.jsonl", KEY, "u1").records] == ["r1"]
     with pytest.raises(ValueError, match="closed"):
         log.append(record("r2"), "u1")
 

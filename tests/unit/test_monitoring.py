@@ -377,6 +377,7 @@ def test_monitor_command_errors_and_minimal_run(tmp_path: Path, monkeypatch: pyt
     write_audit(ws / "audit" / "audit.jsonl", [answer("r1", T0, "m1", customer=pseudonymise("1", KEY))])
     refused("no audit key")
     (ws / "audit" / "audit.key").write_text(KEY.hex())
+    (ws / "audit" / "audit.key").chmod(0o600)
     refused("no event store")
     store = open_event_store(f"sqlite:///{ws / 'events.db'}")
     store.append([Event("e1", "1", "P0", "impression", T0, request_id="r1"),
@@ -402,6 +403,7 @@ def test_dashboard_routes_serve_and_refresh_the_report(tiny_model: Path, tiny_wo
     from finrec.serving.app import create_app
     from finrec.serving.routes import dashboard
     from finrec.serving.service import Service
+    from finrec.testing import TEST_API_KEY, TEST_HEADERS
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -409,11 +411,11 @@ def test_dashboard_routes_serve_and_refresh_the_report(tiny_model: Path, tiny_wo
 
     for name in [k for k in __import__("os").environ if k.startswith("FINREC_")]:
         monkeypatch.delenv(name)
-    settings = FinrecSettings(workspace=tmp_path, serve={"clock": "data"})
+    settings = FinrecSettings(workspace=tmp_path, serve={"clock": "data", "api_key": TEST_API_KEY})
     svc = Service.from_settings(settings, tiny_model, tiny_world)
     monkeypatch.setattr(dashboard, "CACHE_SECONDS", 3600.0)
     try:
-        with TestClient(create_app(settings, service=svc)) as client:
+        with TestClient(create_app(settings, service=svc), headers=TEST_HEADERS) as client:
             body = client.get("/recommend/7", params={"k": 3}).json()
             item = body["items"][0]["product_id"]
 

@@ -370,16 +370,26 @@ def serve(
                      "simulations. Default: 1."),
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request as a JSON line (route, status, ms).")] = False,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Development only: no API keys, every caller has every scope. Refused "
+                           "on any address but a loopback one (127.0.0.1, ::1); logged loudly.")
+    ] = False,
 ) -> None:
     """Serve the API: GET /recommend/{user_id}, POST /recommend, POST /events, /health, /ready, /metrics, /docs.
 
     Loads the model and the customers' data, then listens with uvicorn (uvloop, httptools). Every answer
     passes the guardrails before any scoring and is written to the audit log (see `finrec audit`).
-    Logs are JSON lines on stderr. Stop with Ctrl-C.
+    Callers need API keys with scopes ([[auth.keys]], docs/security.md); with none configured, on a loopback
+    address a development key with every scope is made and printed. Logs are JSON lines on stderr. Stop with
+    Ctrl-C.
     """
+    import tempfile
+
     import uvicorn
 
+    from finrec.config import dump_resolved_settings
     from finrec.serving.app import create_app
+    from finrec.serving.auth import KeyTable, is_loopback
     from finrec.serving.logs import configure_json_logging
     from finrec.serving.service import Service
 
@@ -392,8 +402,14 @@ def serve(
     except ValueError as exc:
         raise FinrecError(f"invalid option: {exc}", hint="see `finrec serve --help`") from None
     settings = base.model_copy(update={"serve": serve_settings})
+    settings = _with_keys(settings, no_auth)
     srv = settings.serve
+    KeyTable.from_settings(settings)  # a short, empty or unreadable key stops the start here, before any work
+    if settings.auth.disabled and not is_loopback(srv.host):
+        raise FinrecError(f"--no-auth is refused on {srv.host}: anyone who reaches it would have every scope",
+                          hint="serve on --host 127.0.0.1, or configure API keys ([[auth.keys]], docs/security.md)")
     _free_port(srv.host, srv.port)
+    os.umask(0o077)  # every file the service makes (event store, audit log, keys) is its user's alone
     configure_json_logging()
     if access_log:
         os.environ["FINREC_ACCESS_LOG"] = "1"
@@ -404,39 +420,73 @@ def serve(
         out.print(f"serving model {service.recommender.model.version} on http://{srv.host}:{srv.port} "
                   f"(Swagger UI: http://{srv.host}:{srv.port}/docs)")  # fmt: skip
         try:
-            uvicorn.run(create_app(settings, service=service), **common)  # type: ignore[arg-type]
+            uvicorn.run(create_app(settings, service=service), **common)
         finally:
             service.close()
         return
-    # Several processes: each worker builds its own app from FINREC_* variables; metrics are shared via files.
-    import tempfile
-
+    # Several processes: each worker builds its own app from the settings resolved here (file, variables, flags),
+    # written to a private file; metrics are shared via files.
     from finrec.pipeline import load_model
 
     if srv.model_dir is not None:
         load_model(srv.model_dir)  # a missing or corrupt bundle fails here, clearly, not in every worker
-        os.environ["FINREC_SERVE__MODEL_DIR"] = str(srv.model_dir.resolve())
     else:  # every worker serves the registry's champion and follows it
         from finrec.registry import CHAMPION, ModelRegistry
 
         registry = ModelRegistry.from_settings(settings)
         load_model(registry.path(registry.require(CHAMPION)))
-        os.environ["FINREC_REGISTRY__ROOT"] = str(settings.registry.path(settings.workspace).resolve())
-    if srv.data is not None:
-        os.environ["FINREC_SERVE__DATA"] = str(srv.data.resolve())
-    os.environ["FINREC_SERVE__CLOCK"] = srv.clock
-    os.environ["FINREC_SERVE__CLOCK_SPEED"] = str(srv.clock_speed)
-    os.environ["FINREC_WORKSPACE"] = str(settings.workspace.resolve())
-    metrics_dir = tempfile.mkdtemp(prefix="finrec-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    private = tempfile.mkdtemp(prefix="finrec-serve-")  # 0700
+    resolved = Path(private) / "settings.json"
+    dump_resolved_settings(_absolute(settings), resolved)
+    os.environ["FINREC_RESOLVED_SETTINGS"] = str(resolved)
+    metrics_dir = Path(private) / "metrics"
+    metrics_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     out.print(f"serving {srv.model_dir or 'the registry champion'} with {srv.workers} workers on http://{srv.host}:{srv.port}")
     try:
         uvicorn.run("finrec.serving.app:app_from_environment", factory=True, workers=srv.workers,
-                    **common)  # type: ignore[arg-type]  # fmt: skip
+                    **common)  # fmt: skip
     finally:
         import shutil
 
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _absolute(settings: Any) -> Any:
+    """The settings with the folders a worker opens made absolute (workers may not share the working folder)."""
+    srv = settings.serve
+    serve = srv.model_copy(update={k: getattr(srv, k).resolve() for k in ("model_dir", "data", "models_root",
+                                                                           "audit_log", "audit_key_file",
+                                                                           "request_key_file")
+                                   if getattr(srv, k) is not None})  # fmt: skip
+    registry = settings.registry.model_copy(update={"root": settings.registry.path(settings.workspace).resolve()})
+    return settings.model_copy(update={"workspace": settings.workspace.resolve(), "serve": serve,
+                                       "registry": registry})  # fmt: skip
+
+
+def _with_keys(settings: Any, no_auth: bool) -> Any:
+    """The settings with authentication as `finrec serve` runs it: off with --no-auth; a development key when
+    no key is configured and the address is a loopback one (printed, with a curl line); else unchanged."""
+    from finrec.config import KeySettings
+    from finrec.serving.auth import SCOPES, ensure_dev_key, hash_key, is_loopback
+
+    srv = settings.serve
+    if no_auth:
+        err.print("[bold red]WARNING: authentication is OFF (--no-auth)[/]: every caller on this machine has every "
+                  "scope, admin included. For development only.")  # fmt: skip
+        return settings.model_copy(update={"auth": settings.auth.model_copy(update={"disabled": True})})
+    if settings.auth.keys or srv.api_key is not None or settings.auth.disabled:
+        return settings
+    if not is_loopback(srv.host):
+        raise FinrecError(f"no API keys are configured, and {srv.host} is reachable from other machines",
+                          hint="configure keys in [[auth.keys]] (`finrec keygen` makes one; docs/security.md)")
+    path = settings.auth.dev_key_file or settings.workspace / "secrets" / "dev-api-key"
+    key = ensure_dev_key(path)
+    dev = KeySettings(name="dev", scopes=list(SCOPES), sha256=hash_key(key), rate_per_second=None)
+    url = f"http://{srv.host}:{srv.port}"
+    out.print(f"[bold yellow]development key[/] (every scope; kept in {path}; configure [[auth.keys]] for real "
+              f"use):\n  {key}\n  try: curl -H 'X-API-Key: {key}' '{url}/recommend/1?k=5'")  # fmt: skip
+    return settings.model_copy(update={"auth": settings.auth.model_copy(update={"keys": [dev]})})
 
 
 @app.command()
@@ -469,7 +519,8 @@ def audit(
     if not result.records:
         out.print(f"no answers recorded for customer {user!r} in {path}")
     for r in result.records:
-        table = Table(title=f"{r.get('time')}  request {r.get('request_id')}  model {r.get('model_version')}"
+        request = r.get("request_id") or r.get("request")  # older logs: the id; now its keyed hash
+        table = Table(title=f"{r.get('time')}  request {request}  model {r.get('model_version')}"
                             f"{'  arm ' + str(r['arm']) if r.get('arm') else ''}", title_justify="left")  # fmt: skip
         for col in ("rank", "product", "score", "reasons"):
             table.add_column(col)
@@ -596,6 +647,30 @@ def _print_monitor_summary(report: dict[str, Any]) -> None:
     out.print("fairness: " + ("[red]flagged[/] " + "; ".join(flagged) if flagged else "nothing flagged"))
 
 
+@app.command()
+def keygen(
+    name: Annotated[str, typer.Option(help="The key's name, as logged and recorded.")] = "my-client",
+    scope: Annotated[
+        list[str] | None, typer.Option("--scope", "-s", help="A scope of the key; repeat for several. Default: "
+                                       "recommend.")
+    ] = None,
+) -> None:
+    """Make a random API key: prints the key (give it to the caller) and the [[auth.keys]] table with its SHA-256
+    (put that in the settings file; the key itself never goes there)."""
+    from finrec.config import SCOPES
+    from finrec.serving.auth import hash_key, new_key
+
+    scopes = scope or ["recommend"]
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad:
+        raise FinrecError(f"unknown scope {', '.join(bad)}", hint=f"scopes: {', '.join(SCOPES)}")
+    key = new_key()
+    out.print(f"key (give it to {name}; it is shown once):\n  {key}\n")
+    out.print("settings (finrec.toml):", markup=False)
+    out.print(f'[[auth.keys]]\nname = "{name}"\nscopes = {json.dumps(scopes)}\nsha256 = "{hash_key(key)}"',
+              markup=False, highlight=False)  # fmt: skip
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 
@@ -654,10 +729,9 @@ def demo(
         return
     out.rule("[bold]5. API")
     srv = settings.serve
-    out.print(f"try: curl 'http://{srv.host}:{srv.port}/recommend/1?k=5'   Swagger UI: http://{srv.host}:{srv.port}/docs"
-              "   stop: Ctrl-C")  # fmt: skip
+    out.print(f"Swagger UI: http://{srv.host}:{srv.port}/docs (Authorize with the key below)   stop: Ctrl-C")
     ctx.invoke(serve, ctx=ctx, model_dir=model_dir, data=data, host=None, port=None, workers=None,
-               clock=None, clock_speed=None, access_log=False)  # fmt: skip
+               clock=None, clock_speed=None, access_log=False, no_auth=False)  # fmt: skip
 
 
 def main() -> None:

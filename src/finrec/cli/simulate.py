@@ -63,6 +63,14 @@ def simulate(
         Path | None, typer.Option(help="Write the conversion over time per model version as a PNG to this file.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="FINREC_API_KEY", show_default=False,
+                     help="API key sent as X-API-Key ($FINREC_API_KEY). It needs the scopes recommend and "
+                     "events:trusted (the simulated bank reports approvals and declines), and recommend:explain "
+                     "to count opt-outs. "
+                     "Default: the development key of the workspace, if there is one."),
+    ] = None,
 ) -> None:
     """Closed-loop simulation: synthetic customers call the running service and send back what they do.
 
@@ -86,9 +94,12 @@ def simulate(
     for path, what in ((output, "--output"), (plot, "--plot")):
         if path is not None and path.is_dir():
             raise FinrecError(f"{what} {path} is a folder", hint=f"pass a file name for {what}")
+    if api_key is None:
+        dev = settings.auth.dev_key_file or settings.workspace / "secrets" / "dev-api-key"
+        api_key = dev.read_text().strip() if dev.is_file() else None
     report = run_simulation(base_url, world, minutes, rate, k=k, seed=seed, concurrency=concurrency,
                             drift_strength=drift_strength, progress=progress, consenting_only=consenting_only,
-                            window_seconds=window_seconds, timeout=timeout)  # fmt: skip
+                            window_seconds=window_seconds, timeout=timeout, api_key=api_key)  # fmt: skip
     result = report.to_dict()
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

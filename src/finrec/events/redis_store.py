@@ -131,6 +131,9 @@ class RedisEventStore:
         ``redis://[[user]:password@]host[:port][/db][?prefix=name]``, or ``rediss://`` for TLS.
     connect_timeout
         Seconds to wait for a connection; also the limit on each command (``socket_timeout``).
+    durability
+        ``power``: refuse a server that does not run with ``appendonly yes`` and ``appendfsync always`` (an
+        acknowledged batch must survive a power loss of the Redis host). ``process``: warn without the AOF.
 
     Raises
     ------
@@ -139,7 +142,7 @@ class RedisEventStore:
         credentials or the database, or the keys under the prefix hold something other than an event log.
     """
 
-    def __init__(self, url: str, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, connect_timeout: float = 5.0, durability: str = "process") -> None:
         scheme, host, port, db, password, prefix = _parse_redis_url(url)
         self.prefix = prefix
         self.address = f"{host}:{port}/{db}"  # for messages; never the URL, which may hold a password
@@ -190,6 +193,20 @@ class RedisEventStore:
                 f"cannot use prefix {prefix!r} in Redis at {self.address} as an event store: {'; '.join(wrong)}",
                 hint="choose another prefix with ?prefix=name in the event store URL",
             )
+        if durability == "power":
+            try:
+                fsync = self._redis.config_get("appendfsync").get("appendfsync")
+            except redis.RedisError:
+                fsync = None  # CONFIG may be refused to this user (managed Redis): then it cannot be checked
+            if aof != 1 or fsync != "always":
+                self._pool.disconnect()
+                seen = f"aof_enabled:{aof}, appendfsync {fsync or 'unknown (CONFIG GET refused)'}"
+                raise ConfigError(
+                    f"[events] durability = \"power\" needs a Redis server that fsyncs every write, but the one at "
+                    f"{host}:{port} runs with {seen}",
+                    hint="configure it with `appendonly yes` and `appendfsync always` (and let this user run "
+                    "CONFIG GET), or set durability = \"process\"",
+                )
         if aof == 0:
             log.warning(
                 "the Redis server at %s runs without the append-only file (aof_enabled:0): stored events are lost "

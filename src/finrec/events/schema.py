@@ -41,6 +41,10 @@ from typing import Any, NamedTuple
 from finrec.data.contract import EVENT_TYPES
 
 MAX_TEXT_LENGTH = 128
+#: Problems listed per rejected event at most (``error_count`` has them all), so no item makes a huge answer.
+MAX_ERRORS_PER_ITEM = 5
+#: Events that change what a customer holds or may be offered: only the bank's own systems may send them.
+OWNERSHIP_EVENTS = frozenset({"approve", "decline", "hold", "close"})
 MAX_POSITION = 100_000  # far beyond any slate; keeps values inside SQLite's 64-bit integers
 EARLIEST_TS = 946_684_800  # 2000-01-01T00:00:00Z
 REQUIRED_FIELDS: tuple[str, ...] = ("event_id", "user_id", "product_id", "event_type")
@@ -83,11 +87,17 @@ class Event:
 
 @dataclass
 class Rejection:
-    """An invalid item: its index in the batch, its ``event_id`` if that was valid, and every problem found."""
+    """An invalid item: its index in the batch, its ``event_id`` if that was valid, the first
+    :data:`MAX_ERRORS_PER_ITEM` problems found and how many there were in all."""
 
     index: int
     event_id: str | None
     errors: list[str]
+    error_count: int = 0
+
+    def __post_init__(self) -> None:
+        self.error_count = max(self.error_count, len(self.errors))
+        del self.errors[MAX_ERRORS_PER_ITEM:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,8 @@ def parse_events(
     now: int,
     future_tolerance_seconds: int = 300,
     max_batch: int = 1000,
+    known_user: Callable[[str], bool] | None = None,
+    trust: Callable[[Event], list[str]] | None = None,
 ) -> ParsedBatch:
     """Validate a batch of decoded JSON items; never raises for bad items, only for a bad batch.
 
@@ -128,6 +140,10 @@ def parse_events(
         Client clock skew allowed before a timestamp counts as in the future.
     max_batch
         Largest number of items accepted in one call.
+    known_user
+        Whether a customer id is known; events for unknown customers are rejected (None: no check).
+    trust
+        Further checks of an otherwise valid event (who may send it, the answer it cites): its problems, if any.
 
     Returns
     -------
@@ -157,9 +173,17 @@ def parse_events(
             continue
         errors: list[str] = []
         event_id = _string("event_id", item.get("event_id", _MISSING), errors)
-        event = _parse_item(item, event_id, known_product, now, future_tolerance_seconds, errors)
+        hidden = [0]
+        event = _parse_item(item, event_id, known_product, now, future_tolerance_seconds, errors, hidden)
+        if event is not None and known_user is not None and not known_user(event.user_id):
+            errors.append(f"user_id: {_show(event.user_id)} is not a customer of this service; send events only "
+                          "for customers in the service's data (a new customer is known once the data is reloaded)")
+            event = None
+        if event is not None and trust is not None:
+            errors.extend(trust(event))
+            event = None if errors else event
         if event is None:
-            rejected.append(Rejection(index, event_id, errors))
+            rejected.append(Rejection(index, event_id, errors, len(errors) + hidden[0]))
         elif event.event_id in first_seen:
             duplicates.append(Duplicate(index, event.event_id, first_seen[event.event_id]))
         else:
@@ -175,6 +199,7 @@ def _parse_item(
     now: int,
     tolerance: int,
     errors: list[str],
+    hidden: list[int],
 ) -> Event | None:
     user_id = _string("user_id", item.get("user_id", _MISSING), errors)
     product_id = _string("product_id", item.get("product_id", _MISSING), errors)
@@ -185,17 +210,19 @@ def _parse_item(
     channel = _string("channel", item.get("channel"), errors, required=False, ints=False)
     arm = _string("arm", item.get("arm"), errors, required=False, ints=False)
     model_version = _string("model_version", item.get("model_version"), errors, required=False, ints=False)
-    if not FIELDS.issuperset(item):
-        for key in sorted(set(item) - FIELDS, key=repr):
-            plain = isinstance(key, str) and len(key) <= 64 and key.isprintable()
-            near = get_close_matches(key, FIELDS, n=1) if plain else []
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            errors.append(f"{key if plain else _show(key)}: is not a known field; {hint}the fields are {_FIELDS_TEXT}")
     if product_id is not None and not known_product(product_id):
         errors.append(
             f"product_id: {product_id!r} is not in the product catalogue; send events only for catalogue "
             "products, and if the product was just added, wait until the service has reloaded the catalogue"
         )
+    if not FIELDS.issuperset(item):
+        unknown = [key for key in item if key not in FIELDS]
+        for key in sorted(unknown[:100], key=repr)[:MAX_ERRORS_PER_ITEM]:  # a few suggestions, not one per key
+            plain = isinstance(key, str) and len(key) <= 64 and key.isprintable()
+            near = get_close_matches(key, FIELDS, n=1) if plain else []
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            errors.append(f"{key if plain else _show(key)}: is not a known field; {hint}the fields are {_FIELDS_TEXT}")
+        hidden[0] = max(0, len(unknown) - MAX_ERRORS_PER_ITEM)  # counted in error_count, never listed
     if errors or event_id is None or user_id is None or product_id is None or event_type is None or ts is None:
         return None
     return Event(event_id, user_id, product_id, event_type, ts, position, request_id, channel, arm, model_version)

@@ -36,7 +36,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Protocol
 
-from finrec.errors import FinrecError
+from finrec.errors import ConfigError, FinrecError
 from finrec.events.schema import Event
 from finrec.storage import open_wal_database, parse_store_url
 
@@ -137,9 +137,12 @@ class SQLiteEventStore:
     busy_timeout_ms
         How long an append waits for another process's write to finish before it fails with
         ``sqlite3.OperationalError`` ("database is locked").
+    durability
+        ``process``: an appended batch survives a kill of the process (``synchronous=NORMAL``). ``power``: a
+        power loss or an OS crash too (``synchronous=FULL``: an fsync per append).
     """
 
-    def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000, durability: str = "process") -> None:
         self.path = Path(path)
         self._lock = threading.Lock()  # one connection for all threads; sqlite3 connections are not thread-safe
         self._closed = False
@@ -153,7 +156,8 @@ class SQLiteEventStore:
             "channel TEXT, arm TEXT, model_version TEXT)",
         )
         probe = f"SELECT {', '.join(_COLUMNS)} FROM events LIMIT 0"  # an older or foreign table
-        self._db = open_wal_database(self.path, "event store", schema, (probe,), busy_timeout_ms)
+        self._db = open_wal_database(self.path, "event store", schema, (probe,), busy_timeout_ms,
+                                     synchronous=_SYNCHRONOUS[_check_durability(durability)])  # fmt: skip
         self._insert = f"INSERT OR IGNORE INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
         self._select = f"SELECT seq, {', '.join(_COLUMNS)} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 
@@ -190,7 +194,17 @@ class SQLiteEventStore:
                 self._db.close()
 
 
-def open_event_store(url: str) -> EventStore:
+_SYNCHRONOUS = {"process": "NORMAL", "power": "FULL"}
+
+
+def _check_durability(durability: str) -> str:
+    if durability not in _SYNCHRONOUS:
+        raise ConfigError(f"durability must be 'process' or 'power', got {durability!r}",
+                          hint="set [events] durability")  # fmt: skip
+    return durability
+
+
+def open_event_store(url: str, durability: str = "process", timeout: float | None = None) -> EventStore:
     """Open the event store a URL names.
 
     Parameters
@@ -198,6 +212,11 @@ def open_event_store(url: str) -> EventStore:
     url
         ``memory://``, ``sqlite:///relative/path/events.db``, ``sqlite:////absolute/path/events.db`` or
         ``redis://host:port/db`` (``rediss://`` for TLS), optionally with ``?prefix=name``.
+    durability
+        ``process`` (the contract's) or ``power``: an append survives a power loss too (SQLite
+        ``synchronous=FULL``; a Redis server is refused unless it runs with ``appendfsync always``).
+    timeout
+        Seconds one call may wait (a Redis command, a SQLite lock) before it raises (default 5 and 10).
 
     Returns
     -------
@@ -214,11 +233,14 @@ def open_event_store(url: str) -> EventStore:
     if kind == "redis":
         from finrec.events.redis_store import RedisEventStore  # redis-py is imported only by those who use it
 
-        return RedisEventStore(url)
+        _check_durability(durability)
+        return RedisEventStore(url, **({} if timeout is None else {"connect_timeout": timeout}),
+                               durability=durability)  # fmt: skip
     if kind == "memory":
         return MemoryEventStore()
     assert path is not None
-    return SQLiteEventStore(path)
+    busy = {} if timeout is None else {"busy_timeout_ms": int(timeout * 1000)}
+    return SQLiteEventStore(path, durability=durability, **busy)
 
 
 def open_existing_event_store(url: str) -> EventStore:

@@ -38,6 +38,7 @@ from scipy.stats import norm
 from finrec.config import MonitorSettings
 from finrec.events.schema import Event
 from finrec.events.store import EventStore
+from finrec.serving.audit import pseudonymise_request
 
 FUNNEL = ("impression", "click", "apply", "approve")
 COUNTS = ("impressions", "clicks", "applications", "approvals")
@@ -227,12 +228,14 @@ def compute_conversion(
     *,
     event_sinks: Iterable[Callable[[Event], None]] = (),
     answer_sinks: Iterable[Callable[[dict[str, Any]], None]] = (),
+    audit_key: bytes | None = None,
 ) -> dict[str, Any]:
     """Conversion per bucket and per model_version x arm; see the module docstring.
 
     Reads the event store once, then the audit log once, keeping only the answers some event refers to.
     ``event_sinks`` see every event and ``answer_sinks`` every audit record, so other summaries can share
-    the scans.
+    the scans. Records hold a keyed hash of the request id (``request``); ``audit_key`` matches events to them
+    (records of older logs with a raw ``request_id`` match without it).
     """
     event_sinks, answer_sinks = list(event_sinks), list(answer_sinks)
     counter = ConversionCounter(monitor.bucket)
@@ -241,10 +244,13 @@ def compute_conversion(
         for sink in event_sinks:
             sink(e)
     needed = counter.referenced()
+    hashed = {} if audit_key is None else {pseudonymise_request(r, audit_key): r for r in needed}
     answers: dict[str, Answered] = {}
     reader = AuditReader(audit_path)
     for rec in reader:
         rid = rec.get("request_id")
+        if rid is None and "request" in rec:
+            rid = hashed.get(rec["request"])
         if rid in needed:
             # The answer's time on the service's clock (served_at), which stamps its events too: under a data
             # clock the wall time (ts) would put the answer in another bucket than its feedback.

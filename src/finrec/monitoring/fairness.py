@@ -227,3 +227,35 @@ def fairness_figure(fairness: Mapping[str, Any]) -> Figure | None:
             ax.set_ylim(0, 1.05)
             ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+_NO_RATE: dict[str, float | None] = {"rate": None, "low": None, "high": None}
+
+
+def suppress_small_groups(report: dict[str, Any], min_size: int) -> dict[str, Any]:
+    """Blank the fairness cells of groups with fewer than ``min_size`` customers behind them, in place.
+
+    A published count that moves by one when one customer is answered (or decided) tells a watcher which group
+    that customer is in; below ``min_size`` customers a cell shows nothing (and ``suppressed`` lists what was
+    blanked). Exposure and item counts rest on the customers answered, approval on the decisions, the group's
+    size on its customers.
+    """
+    fairness = report.get("fairness") or {}
+    for res in (fairness.get("attributes") or {}).values():
+        for g in res.get("groups") or []:
+            blanked = []
+            if (g.get("customers") or 0) < min_size:
+                g["customers"] = None
+                blanked.append("customers")
+            if (g.get("answered") or 0) < min_size:
+                g.update(answered=None, exposure=dict(_NO_RATE), items_per_answer=None, impressions=None,
+                         applications=None, application_rate=None)  # fmt: skip
+                blanked.append("answered")
+            if (g.get("decisions") or 0) < min_size:
+                g.update(decisions=None, approval=dict(_NO_RATE))
+                blanked.append("decisions")
+            if blanked:
+                g["suppressed"] = blanked
+    if fairness:
+        fairness["min_reported_group_size"] = min_size
+    return report

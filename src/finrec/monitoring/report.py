@@ -55,7 +55,7 @@ def build_monitor_report(
     mon = settings.monitor
     health = HealthAccumulator()
     fair = FairnessAccumulator()
-    conv = compute_conversion(events, audit_path, mon, event_sinks=[fair.add_event],
+    conv = compute_conversion(events, audit_path, mon, audit_key=audit_key, event_sinks=[fair.add_event],
                               answer_sinks=[health.add, fair.add_answer])  # fmt: skip
     notes = []
     if audit_path is None or not Path(audit_path).is_file():

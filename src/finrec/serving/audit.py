@@ -1,9 +1,10 @@
 """Append-only audit log of every recommendation answer.
 
 A bank must be able to show, later, what a customer was shown and why. Each answer becomes one JSON line:
-``request_id``, ``ts`` (unix seconds) and ``time`` (ISO 8601 UTC; both filled in by :meth:`AuditLog.append` when
-absent), ``customer``, ``model_version``, ``arm`` (may be null), ``items`` (``product_id``, ``rank``, ``score``,
-``reasons``), ``removed`` (counts per guardrail rule) and ``kind`` (``"customer"`` or ``"prospect"``).
+``request`` (a keyed hash of the answer's request id), ``ts`` (unix seconds) and ``time`` (ISO 8601 UTC; both
+filled in by :meth:`AuditLog.append` when absent), ``customer``, ``model_version``, ``arm`` (may be null),
+``items`` (``product_id``, ``rank``, ``score``, ``reasons``), ``removed`` (counts per guardrail rule) and
+``kind`` (``"customer"`` or ``"prospect"``).
 
 The raw customer id is never written: ``customer`` is a keyed hash (HMAC-SHA256, 32 hex characters; null for a
 prospect), so whoever holds the key can find a customer's records (``finrec audit --user ID`` computes the same
@@ -25,6 +26,7 @@ import logging
 import math
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import deque
@@ -53,7 +55,7 @@ def load_or_create_key(path: Path) -> bytes:
     path = Path(path)
     hint = f"delete {path} to create a new key, but records written under the old key can then no longer be found"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -70,11 +72,16 @@ def load_or_create_key(path: Path) -> bytes:
         finally:
             tmp.unlink()
     try:
+        mode = path.stat().st_mode
         key = bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"audit key file {path} is unreadable or not hex: {e}", hint=hint) from e
+        raise ArtifactError(f"key file {path} is unreadable or not hex: {e}", hint=hint) from e
     if len(key) < KEY_BYTES:
-        raise ArtifactError(f"audit key file {path} holds {len(key)} bytes, need at least {KEY_BYTES}", hint=hint)
+        raise ArtifactError(f"key file {path} holds {len(key)} bytes, need at least {KEY_BYTES}", hint=hint)
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ArtifactError(f"key file {path} may be read or changed by every user (mode {stat.S_IMODE(mode):04o})",
+                            hint=f"chmod 600 {path}; and since others could read it, consider the pseudonyms "
+                            "made with it known")  # fmt: skip
     return key
 
 
@@ -94,6 +101,19 @@ def read_existing_key(audit_path: Path, key_path: Path) -> bytes:
                           hint="the key (audit.key) sits next to the service's audit log; copy it there "
                           "or set serve.audit_key_file")  # fmt: skip
     return load_or_create_key(key_path)  # it exists: only read, and refused clearly if damaged
+
+
+def pseudonymise_request(request_id: str, key: bytes) -> str:
+    """Keyed hash of an answer's request id, as the audit log holds it.
+
+    The event store keeps raw customer ids beside the request ids of the answers they follow; were the log to
+    hold the raw request id too, joining the two would name the customer behind every pseudonym. With the
+    keyed hash only a key holder (monitoring, ``finrec audit``) can join them.
+
+    >>> pseudonymise_request("r-1", b"k" * 32) != pseudonymise_request("r-1", b"j" * 32)
+    True
+    """
+    return hmac.digest(key, b"request\x1f" + request_id.encode(), "sha256").hex()[:32]
 
 
 def pseudonymise(user_id: str, key: bytes) -> str:
@@ -219,7 +239,8 @@ class AuditLog:
     def append(self, record: dict[str, Any], user_id: str | None) -> None:
         """Write one record for ``user_id`` (None for a prospect); the raw id is replaced by its pseudonym.
 
-        Raises ValueError if the log is closed or ``record`` has a ``user_id``/``customer_id`` key, TypeError if a
+        A ``request_id`` is written as its keyed hash ``request`` (:func:`pseudonymise_request`). Raises
+        ValueError if the log is closed or ``record`` has a ``user_id``/``customer_id`` key, TypeError if a
         value has no JSON form (numpy values do).
         """
         if "user_id" in record or "customer_id" in record:
@@ -230,6 +251,8 @@ class AuditLog:
             rec["ts"] = round(now, 3)
             rec["time"] = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         rec["customer"] = None if user_id is None else pseudonymise(user_id, self.key)
+        if isinstance(rec.get("request_id"), str):  # never a join key with the event store's raw customer ids
+            rec["request"] = pseudonymise_request(rec.pop("request_id"), self.key)
         line = _to_line(rec)
         with self._lock:
             if self._fd is None:

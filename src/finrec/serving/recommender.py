@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,12 +34,14 @@ from typing import Any
 import numpy as np
 
 from finrec.errors import FinrecError
-from finrec.events.schema import Event, parse_events
+from finrec.events.schema import OWNERSHIP_EVENTS, Event, parse_events
 from finrec.events.store import EventStore
 from finrec.experiments.assignment import Assigner, Assignment
+from finrec.features.online.follow import EventFollower
 from finrec.serving.audit import AuditLog
 from finrec.serving.guardrails import DAY, GUARDRAILS, GuardrailResult, LiveState, apply_guardrails
 from finrec.serving.reasons import ReasonMapper, describe, rule_reasons
+from finrec.serving.request_ids import RequestSigner
 from finrec.serving.scoring import CustomerInputs, Ranked, ServingModel
 
 log = logging.getLogger("finrec.serving")
@@ -83,6 +84,13 @@ class Recommender:
     models
         Further models by reference (registry alias or version) for the experiments' arms. An arm whose model
         is missing is answered by the default model, and its answers say so in ``model_version``.
+    signer
+        Signs the answers' request ids and checks those events cite (default: a key of this process only).
+    request_max_age_seconds
+        Oldest answer (service clock) a customer-side event may cite.
+    follower
+        Applies the event log to the online store (:class:`~finrec.features.online.follow.EventFollower`); without
+        one, accepted events are recorded in the online store directly.
     """
 
     def __init__(
@@ -97,6 +105,9 @@ class Recommender:
         max_events: int = 1000,
         assigner: Assigner | None = None,
         models: Mapping[str, ServingModel] | None = None,
+        signer: RequestSigner | None = None,
+        request_max_age_seconds: float = 7 * 86_400,
+        follower: EventFollower | None = None,
     ) -> None:
         self.live = live
         self.events = events
@@ -114,6 +125,9 @@ class Recommender:
         self._slots: dict[str, tuple[ServingModel, ReasonMapper]] = slots
         self._recent: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._recent_lock = threading.Lock()
+        self.signer = signer or RequestSigner()
+        self.request_max_age_seconds = request_max_age_seconds
+        self.follower = follower
 
     # -- model lifecycle ------------------------------------------------------------------------------
     @property
@@ -159,6 +173,8 @@ class Recommender:
         now = self.clock()
         assignment, model, mapper = self._route(user_id, now)
         row = model.data.user_row(user_id)
+        if self.follower is not None:
+            self.follower.ensure_current()  # after an outage of the online store: what it missed, first
         if row < 0:
             raise UnknownCustomerError(f"customer {user_id!r} is not known to this service",
                                        hint="check the id, or send the profile to POST /recommend")  # fmt: skip
@@ -193,7 +209,7 @@ class Recommender:
                 now: float) -> Answer:  # fmt: skip
         if not 1 <= k <= MAX_K:
             raise FinrecError(f"k={k} is out of range", hint=f"ask for 1 to {MAX_K} products")
-        request_id = request_id or uuid.uuid4().hex
+        request_id = self.signer.issue(request_id, user_id, now)
         t0 = time.perf_counter()
         ranked = model.rank(who, guard.allowed, k) if guard.allowed.any() else _nothing(model)
         # Defence in depth: only allowed products can be retrieved, but check what leaves the building.
@@ -256,31 +272,61 @@ class Recommender:
         return out
 
     # -- feedback -------------------------------------------------------------------------------------
-    def ingest(self, items: list[Any], max_batch: int | None = None) -> dict[str, Any]:
+    def ingest(self, items: list[Any], max_batch: int | None = None, trusted: bool = False) -> dict[str, Any]:
         """Validate and store a batch of feedback events; idempotent on ``event_id``.
 
         Returns how many were accepted, how many were already known (re-deliveries) and, for each
         rejected item, its index and what is wrong. Raises ``ValueError`` for a batch that is not a
         list or is too large (the HTTP layer answers 413/422).
+
+        Besides the form of each event, the service checks that it can be trusted: the customer is known;
+        ownership events (approve, decline, hold, close) come only from a ``trusted`` caller (the bank's core
+        systems); customer-side events (impression, view, click, apply) from other callers cite the
+        ``request_id`` of an answer this service gave the same customer, within ``request_max_age_seconds``.
         """
         model = self.model
         now = self.clock()
-        batch = parse_events(items, model.data.product_row.__contains__, int(now),
-                             self.future_tolerance_seconds, max_batch=max_batch or self.max_events)  # fmt: skip
+        data = model.data
+        batch = parse_events(items, data.product_row.__contains__, int(now), self.future_tolerance_seconds,
+                             max_batch=max_batch or self.max_events,
+                             known_user=lambda u: data.user_row(u) >= 0,
+                             trust=None if trusted else self._untrusted_problems(now))  # fmt: skip
         accepted = [self._attribute(e, now) for e in batch.accepted]
         stored = self.events.append(accepted) if accepted else []
         new = [e for e, is_new in zip(accepted, stored, strict=True) if is_new]
         if new:
             # Stored first, then applied: the event store is the record. A re-delivery is a duplicate and is
-            # never applied twice; an in-process online store is rebuilt from the event store at start-up.
-            self.live.record(new)
+            # never applied twice. The follower applies the log from the online store's own position, so an
+            # event stored while the online store is down is applied when it is back.
+            if self.follower is not None:
+                self.follower.after_append()
+            else:
+                self.live.record(new)
         return {
             "received": len(items),
             "accepted": len(new),
             "duplicates": len(batch.accepted) - len(new) + len(batch.duplicates),
-            "rejected": [{"index": r.index, "event_id": r.event_id, "errors": r.errors} for r in batch.rejected],
+            "rejected": [{"index": r.index, "event_id": r.event_id, "errors": r.errors, "error_count": r.error_count}
+                         for r in batch.rejected],
         }
 
+    def _untrusted_problems(self, now: float) -> Callable[[Event], list[str]]:
+        """The checks of events from callers without ``events:trusted``: what is wrong with one, if anything."""
+        signer, max_age = self.signer, self.request_max_age_seconds
+
+        def problems(e: Event) -> list[str]:
+            if e.event_type in OWNERSHIP_EVENTS:
+                return [f"event_type: {e.event_type!r} changes what the customer holds or may be offered, so only "
+                        "the bank's own systems may send it; send it with a key that has the events:trusted scope"]
+            if e.request_id is None:
+                return [f"request_id: is missing; a {e.event_type} event must name the request_id of the "
+                        "recommendation answer it follows; send that answer's request_id"]
+            wrong = signer.check(e.request_id, e.user_id, now, max_age)
+            if wrong is not None:
+                return [f"request_id: {wrong}; send the request_id of the answer this customer was given"]
+            return []
+
+        return problems
 
     def _remember(self, request_id: str, arm: str | None, version: str) -> None:
         with self._recent_lock:

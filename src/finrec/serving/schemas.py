@@ -35,9 +35,10 @@ class RecommendationResponse(BaseModel):
     served_at: float = Field(description="When the answer was made, Unix seconds on the service's clock.")
     k: int
     items: list[Item] = Field(description="Best first; fewer than k when fewer products pass the guardrails.")
-    excluded: dict[str, int] = Field(
+    excluded: dict[str, int] | None = Field(
         description="Products each guardrail removed before scoring (each counted once, under the first "
-        "guardrail that removed it)."
+        "guardrail that removed it). Only for keys with the `recommend:explain` scope (null for others, whose "
+        "items also leave out rule-based reasons)."
     )
     candidates: int = Field(description="Products retrieved and ranked.")
 
@@ -68,7 +69,8 @@ class ProspectRequest(BaseModel):
 class Rejected(BaseModel):
     index: int = Field(description="Position of the event in the batch (0-based).")
     event_id: str | None
-    errors: list[str]
+    errors: list[str] = Field(description="What is wrong, where and how to fix it (the first few problems).")
+    error_count: int = Field(description="How many problems the event has in all.")
 
 
 class EventsResponse(BaseModel):
@@ -104,7 +106,8 @@ class RollbackRequest(BaseModel):
 class Problem(BaseModel):
     error: str = Field(description="What is wrong.")
     hint: str | None = Field(None, description="How to fix it.")
-    problems: list[dict[str, Any]] | None = Field(None, description="Each invalid field: where and why.")
+    problems: list[dict[str, Any]] | None = Field(None, description="Invalid fields, where and why (the first 20).")
+    problem_count: int | None = Field(None, description="How many invalid fields there were in all.")
     request_id: str | None = None
 
 

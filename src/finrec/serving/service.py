@@ -30,20 +30,28 @@ import numpy as np
 from finrec.config import FinrecSettings
 from finrec.data.dataset import load_dataset
 from finrec.errors import ArtifactError, FinrecError
-from finrec.events.store import EventStore, open_event_store
+from finrec.events.store import open_event_store
 from finrec.experiments.assignment import DEFAULT_MODEL, Assigner
 from finrec.features.online import open_online_store
+from finrec.features.online.follow import EventFollower
 from finrec.pipeline import load_model
 from finrec.serving.audit import AuditLog, load_or_create_key
 from finrec.serving.deployment import BundleSource, ModelSource, RegistrySource, RegistryWatcher
 from finrec.serving.guardrails import GuardrailPolicy, LiveState
 from finrec.serving.metrics import ServiceMetrics
 from finrec.serving.recommender import Recommender
+from finrec.serving.request_ids import RequestSigner
 from finrec.serving.scoring import ServingModel
 from finrec.serving.state import ServingData
+from finrec.storage import CircuitBreaker, Guarded, StoreUnavailable, store_unavailable
 
 log = logging.getLogger("finrec.serving")
 _WARM_UP_CUSTOMERS = 8
+
+
+class ModelRefused(FinrecError):
+    """A model version cannot serve (its bundle does not load, check or warm up): the alias is left as it was."""
+
 #: Models kept loaded beyond those serving, so that rolling back to a recent one is instant.
 _KEEP_LOADED = 2
 
@@ -85,6 +93,8 @@ class Service:
         self._failed: dict[str, str] = {}  # ref -> source key refused (not retried until the reference moves)
         self._cache: dict[str, ServingModel] = {}  # source key -> model, recently replaced ones
         self._watcher: RegistryWatcher | None = None
+        self.blocking = False  # stores that may wait on a disk or the network: call them off the event loop
+        self.models_root = Path(model_dir).resolve().parent
 
     @classmethod
     def from_settings(cls, settings: FinrecSettings, model_dir: Path | None = None, data_dir: Path | None = None,
@@ -140,32 +150,75 @@ class Service:
             others[ref], loaded[ref] = by_key[found[0]], found[0]
         policy = GuardrailPolicy(srv.cooling_off_days, srv.frequency_cap, srv.frequency_window_days,
                                  srv.require_marketing_consent)  # fmt: skip
-        events = open_event_store(srv.event_store_url(settings.workspace))
-        online = open_online_store(srv.online_store)
+        event_url = srv.event_store_url(settings.workspace)
+        events: Any = open_event_store(event_url, settings.events.durability, srv.store_timeout_seconds)
+        online: Any = open_online_store(srv.online_store, timeout=srv.store_timeout_seconds)
+        blocking = not (event_url.startswith("memory:") and srv.online_store.startswith("memory:"))
+        if not event_url.startswith("memory:"):  # stores that can fail fail fast while they are down
+            events = Guarded(events, CircuitBreaker("event store", srv.breaker_failures, srv.breaker_reset_seconds))
+        if not srv.online_store.startswith("memory:"):
+            online = Guarded(online, CircuitBreaker("online store", srv.breaker_failures,
+                                                    srv.breaker_reset_seconds))  # fmt: skip
         live = LiveState(policy, online)
         live.seed(data)
-        if srv.online_store.startswith("memory:"):
-            replayed = replay(events, live)
-            log.info("online features rebuilt from the event store", extra={"events": replayed})
+        follower = EventFollower(events, online)
+        try:
+            applied = follower.sync()  # a memory:// store is rebuilt; others catch up with what they missed
+            log.info("online features caught up with the event store", extra={"events": applied})
+        except StoreUnavailable as exc:  # serve anyway: requests answer 503 until the store is back
+            log.error("online features cannot catch up now; retrying in the background",
+                      extra={"error": exc.message})  # fmt: skip
         audit_log = key = audit_path = None
         if audit:
             audit_path, key_path = srv.audit_paths(settings.workspace)
             key = load_or_create_key(key_path)
             audit_log = AuditLog(audit_path, key)
+        signer = RequestSigner(load_or_create_key(srv.request_key_path(settings.workspace)))
         clock = make_clock(srv.clock, data.cutoff, settings.workspace / "clock.json", srv.clock_speed)
         recommender = Recommender(served, live, events, audit_log, clock=clock,
                                   future_tolerance_seconds=settings.validation.future_tolerance_seconds,
                                   max_reasons=srv.max_reasons, max_events=srv.max_events_per_request,
-                                  assigner=assigner, models=others)  # fmt: skip
+                                  assigner=assigner, models=others, signer=signer,
+                                  request_max_age_seconds=srv.request_id_max_age_days * 86_400,
+                                  follower=follower)  # fmt: skip
         seconds = round(time.perf_counter() - t0, 2)
         log.info("service ready", extra={"model_version": served.version, "customers": data.n_users,
                                          "products": data.n_products, "seconds": seconds,
                                          "models": {r: m.version for r, m in recommender.models().items()},
                                          "source": source.kind})  # fmt: skip
         service = cls(settings, recommender, Path(default[1]), audit_path, key, source, loaded)
+        service.blocking = blocking
+        service.models_root = (srv.models_root or Path(default[1]).parent).resolve()
+        if watch:
+            follower.start(srv.catch_up_seconds)
         if watch and source.kind == "registry":
             service._watcher = RegistryWatcher(service.refresh, settings.registry.poll_seconds).start()
         return service
+
+    def private_paths(self) -> list[Path | None]:
+        """Folders this service reads and writes, whose names must not reach an answer."""
+        srv = self.settings.serve
+        registry = getattr(self.source, "registry", None)
+        return [self.model_dir, self.model_dir.parent, self.models_root, self.settings.workspace, srv.data,
+                None if self.audit_path is None else self.audit_path.parent,
+                None if registry is None else registry.root, self.recommender.model.data.ds.path]  # fmt: skip
+
+    def check_stores(self) -> dict[str, str]:
+        """``ok`` or what is wrong, per store (a cheap call to each, through its circuit breaker)."""
+        out: dict[str, str] = {}
+        rec = self.recommender
+        for name, call in (("event_store", rec.events.count), ("online_store", rec.live.store.position)):
+            try:
+                call()
+                out[name] = "ok"
+            except Exception as exc:
+                outage = store_unavailable(exc)
+                if outage is None:
+                    raise
+                out[name] = outage.message
+        if out.get("online_store") == "ok" and rec.follower is not None and rec.follower.stale:
+            out["online_store"] = "catching up with the event log"
+        return out
 
     def versions(self) -> dict[str, str]:
         """The version serving each model reference."""
@@ -189,7 +242,7 @@ class Service:
                                     hint="the models already serving keep serving")  # fmt: skip
             return {"previous_version": before, "model_version": self.recommender.model.version,
                     "models": changes, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
-        target = Path(model_dir) if model_dir else self.model_dir
+        target = self.model_path(model_dir) if model_dir else self.model_dir
         with self._reload_lock:  # one reload at a time; requests never wait on this lock
             t0 = time.perf_counter()
             try:
@@ -203,8 +256,30 @@ class Service:
             self._loaded[DEFAULT_MODEL] = str(target)
             self.metrics.set_models(self.versions().values())
             self.metrics.reloads.labels("ok").inc()
-        return {"previous_version": old, "model_version": served.version, "model_dir": str(target),
+        return {"previous_version": old, "model_version": served.version, "model_dir": self._relative(target),
                 "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+    def model_path(self, given: Path | str) -> Path:
+        """The bundle folder ``given`` names (relative to the models folder, or absolute inside it).
+
+        Raises
+        ------
+        FinrecError
+            It lies outside ``serve.models_root`` (symbolic links and ``..`` resolved first).
+        """
+        root = self.models_root
+        path = (root / given).resolve()
+        if not path.is_relative_to(root):
+            raise FinrecError(f"{given} is not under the models folder, and only bundles from there are loaded",
+                              hint="pass a folder relative to the models folder (serve.models_root), e.g. "
+                              '{"model_dir": "m2"}, or ask the operator to put the bundle there')  # fmt: skip
+        return path
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(self.models_root))
+        except ValueError:
+            return path.name
 
     def refresh(self, force: bool = False) -> dict[str, dict[str, Any]]:
         """Swap in whatever each model reference names now; returns what happened to each.
@@ -265,8 +340,14 @@ class Service:
         return self.source.registry
 
     def promote(self, ref: str = "challenger", force: bool = False, reason: str = "", by: str = "") -> dict[str, Any]:
-        """Promote ``ref`` to champion through the gate (refused: raises), then serve it at once."""
-        result = self._registry().promote(ref, force=force, reason=reason, by=by)
+        """Promote ``ref`` to champion through the gate, then serve it at once.
+
+        The version is loaded, checked and warmed up first; if it cannot serve, :class:`ModelRefused` is raised and
+        the champion alias is not moved (nor when the gate refuses: :class:`~finrec.registry.PromotionRefused`).
+        """
+        registry = self._registry()
+        self._preload(registry.require(ref), "promoted")
+        result = registry.promote(ref, force=force, reason=reason, by=by)
         t0 = time.perf_counter()
         changes = self.refresh()
         return {"model_version": result.version, "previous_version": result.previous, "forced": result.forced,
@@ -274,12 +355,40 @@ class Service:
                 "seconds_to_serve": round(time.perf_counter() - t0, 3)}  # fmt: skip
 
     def rollback(self, to: str | None = None, reason: str = "", by: str = "") -> dict[str, Any]:
-        """Point the champion back at the previous one (or ``to``), then serve it at once."""
-        record = self._registry().rollback(to=to, reason=reason, by=by)
+        """Point the champion back at the previous one (or ``to``), then serve it at once (loaded first, as for
+        :meth:`promote`)."""
+        registry = self._registry()
+        target = registry.require(to) if to is not None else self._previous_champion(registry)
+        if target is not None:
+            self._preload(target, "rolled back to")
+        record = registry.rollback(to=to, reason=reason, by=by)
         t0 = time.perf_counter()
         changes = self.refresh()
         return {"model_version": record.get("version"), "previous_version": record.get("previous"),
                 "models": changes, "seconds_to_serve": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+    @staticmethod
+    def _previous_champion(registry: Any) -> str | None:
+        current = registry.resolve("champion")
+        earlier = [v for v in registry.champions()[:-1] if v != current]
+        return earlier[-1] if earlier else None  # None: the registry says why nothing can be rolled back
+
+    def _preload(self, version: str, action: str) -> None:
+        """Load, check and warm up ``version`` (kept for the swap), or raise :class:`ModelRefused`."""
+        if self._find_loaded(version) is not None:
+            return
+        folder = self.source.registry.path(version)  # type: ignore[attr-defined]
+        with self._reload_lock:
+            try:
+                model = load_serving_model(folder, self.recommender.model.data)
+            except FinrecError as exc:
+                self.metrics.reloads.labels("refused").inc()
+                log.error("model refused before moving the alias", extra={"version": version, "error": exc.message})
+                raise ModelRefused(f"version {version} cannot be {action}: {exc.message}",
+                                   hint="the champion is unchanged and keeps serving; fix or re-register the "
+                                   "bundle, or choose another version") from None  # fmt: skip
+            self._cache[version] = model
+            self._trim_cache(keep=version)
 
     def _find_loaded(self, key: str) -> ServingModel | None:
         current = self.recommender.models()
@@ -288,31 +397,23 @@ class Service:
                 return current[ref]
         return self._cache.get(key)
 
-    def _trim_cache(self) -> None:
+    def _trim_cache(self, keep: str | None = None) -> None:
         serving = set(self._loaded.values())
         for key in [k for k in self._cache if k in serving]:
             del self._cache[key]
-        while len(self._cache) > _KEEP_LOADED:
-            del self._cache[next(iter(self._cache))]  # oldest first (dicts keep insertion order)
+        while len(self._cache) > _KEEP_LOADED + (keep is not None):
+            oldest = next(k for k in self._cache if k != keep)  # oldest first (dicts keep insertion order)
+            del self._cache[oldest]
 
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
+        if self.recommender.follower is not None:
+            self.recommender.follower.stop()
         if self.recommender.audit is not None:
             self.recommender.audit.close()
         self.recommender.events.close()
         self.recommender.live.store.close()
-
-
-def replay(events: EventStore, live: LiveState, batch: int = 10_000) -> int:
-    """Apply every stored event to an empty in-process online store (its state after a restart)."""
-    seq, n = 0, 0
-    while True:
-        chunk = events.read(after=seq, limit=batch)
-        if not chunk:
-            return n
-        live.record([e for _, e in chunk])
-        seq, n = chunk[-1][0], n + len(chunk)
 
 
 def make_clock(kind: str, data_cutoff: int, state: Path | None = None, speed: float = 1.0) -> Callable[[], float]:

@@ -83,8 +83,9 @@ def run_simulation(
         ``None``: the world's own drift; a number: the world's drift direction at this strength from now on
         (see :mod:`finrec.simulation.customers`).
     api_key
-        Sent as ``X-API-Key`` on every call, for a service behind a gateway that wants one; finrec's own
-        ``/recommend`` and ``/events`` need none.
+        Sent as ``X-API-Key`` on every call: a key with the scopes ``recommend`` and ``events:trusted`` (the
+        simulated bank reports approvals and declines too), and ``recommend:explain`` to count opt-outs. Customer
+        events carry the answer's ``request_id``, as the service requires of untrusted callers.
     progress
         Show a progress bar.
     consenting_only

@@ -87,6 +87,11 @@ class OnlineFeatureStore(Protocol):
       ``ts`` in recording order (a call's events in their order in the call; calls in the order they returned).
     * Counted: :meth:`product_counts` has, per product and event type, the number of events ever recorded; the
       counts are not trimmed.
+    * Positioned: the store keeps the sequence number of the last event-log entry applied to it
+      (:meth:`position`, None until one is set). :meth:`apply` records events and moves the position from
+      ``after`` to ``upto`` in one atomic step, and does neither (returning False) if the stored position (0 when
+      unset) is not ``after``; so processes sharing the store apply each entry of the log once
+      (:mod:`finrec.features.online.follow`).
     * Shareable: an instance may be used by many threads at once. :meth:`close` releases resources and may be
       called twice; every other method then raises ``RuntimeError``.
     """
@@ -109,12 +114,21 @@ class OnlineFeatureStore(Protocol):
         """Per product id, per event type, how many events were recorded."""
         ...
 
+    def position(self) -> int | None:
+        """Sequence number in the event log of the last event applied (None: never set)."""
+        ...
+
+    def apply(self, events: Sequence[Event], after: int, upto: int) -> bool:
+        """:meth:`record` ``events`` and move the position from ``after`` to ``upto``, atomically, if it is at
+        ``after``; False (nothing written) if it is not."""
+        ...
+
     def close(self) -> None:
         """Release resources; the store cannot be used afterwards."""
         ...
 
 
-def open_online_store(url: str, max_per_user: int = 500) -> OnlineFeatureStore:
+def open_online_store(url: str, max_per_user: int = 500, timeout: float = 5.0) -> OnlineFeatureStore:
     """Open the online feature store a URL names.
 
     Parameters
@@ -125,6 +139,8 @@ def open_online_store(url: str, max_per_user: int = 500) -> OnlineFeatureStore:
     max_per_user
         How many events to keep per customer (the newest); at least 1. Stores opened on the same URL should agree,
         as each trims to its own limit when it records.
+    timeout
+        Seconds one call may wait (a Redis command, a SQLite lock) before it raises.
 
     Returns
     -------
@@ -143,7 +159,7 @@ def open_online_store(url: str, max_per_user: int = 500) -> OnlineFeatureStore:
     if kind == "redis":
         from finrec.features.online.redis import RedisOnlineStore
 
-        return RedisOnlineStore(url, max_per_user=max_per_user)
+        return RedisOnlineStore(url, max_per_user=max_per_user, connect_timeout=timeout)
     if kind == "memory":
         from finrec.features.online.memory import MemoryOnlineStore
 
@@ -151,7 +167,7 @@ def open_online_store(url: str, max_per_user: int = 500) -> OnlineFeatureStore:
     from finrec.features.online.sqlite import SQLiteOnlineStore
 
     assert path is not None
-    return SQLiteOnlineStore(path, max_per_user=max_per_user)
+    return SQLiteOnlineStore(path, max_per_user=max_per_user, busy_timeout_ms=int(timeout * 1000))
 
 
 def _check_max(max_per_user: int) -> int:
@@ -177,6 +193,11 @@ def _check_events(events: Sequence[Event]) -> Sequence[Event]:
         if not -MAX_TS < event.ts < MAX_TS:
             raise ValueError(f"Event.ts {event.ts} is out of range; unix seconds are expected")
     return events
+
+
+def _check_position(after: int, upto: int) -> None:
+    if type(after) is not int or type(upto) is not int or not 0 <= after <= upto:
+        raise ValueError(f"positions must be integers with 0 <= after <= upto, got {after!r}, {upto!r}")
 
 
 def _check_open(closed: bool) -> None:

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from finrec.events.schema import Event
-from finrec.features.online import Activity, _check_events, _check_max, _check_open
+from finrec.features.online import Activity, _check_events, _check_max, _check_open, _check_position
 
 
 class MemoryOnlineStore:
@@ -41,6 +41,7 @@ class MemoryOnlineStore:
         self._users: dict[str, list[tuple[int, int, Activity]]] = {}
         self._counts: dict[str, Counter[str]] = {}
         self._seq = 0
+        self._position: int | None = None
         self._closed = False
 
     def record(self, events: Sequence[Event]) -> None:
@@ -48,17 +49,38 @@ class MemoryOnlineStore:
         _check_events(events)
         with self._lock:
             _check_open(self._closed)
-            touched: set[str] = set()
-            for event in events:
-                self._seq += 1
-                rows = self._users.setdefault(event.user_id, [])
-                insort(rows, (event.ts, self._seq, Activity(event.ts, event.event_type, event.product_id)))
-                touched.add(event.user_id)
-                self._counts.setdefault(event.product_id, Counter())[event.event_type] += 1
-            for user_id in touched:
-                rows = self._users[user_id]
-                if len(rows) > self.max_per_user:
-                    del rows[: len(rows) - self.max_per_user]
+            self._record(events)
+
+    def position(self) -> int | None:
+        """Sequence number in the event log of the last event applied (None: never set)."""
+        with self._lock:
+            _check_open(self._closed)
+            return self._position
+
+    def apply(self, events: Sequence[Event], after: int, upto: int) -> bool:
+        """Record ``events`` and move the position from ``after`` to ``upto`` if it is at ``after``."""
+        _check_events(events)
+        _check_position(after, upto)
+        with self._lock:
+            _check_open(self._closed)
+            if (self._position or 0) != after:
+                return False
+            self._record(events)
+            self._position = upto
+            return True
+
+    def _record(self, events: Sequence[Event]) -> None:
+        touched: set[str] = set()
+        for event in events:
+            self._seq += 1
+            rows = self._users.setdefault(event.user_id, [])
+            insort(rows, (event.ts, self._seq, Activity(event.ts, event.event_type, event.product_id)))
+            touched.add(event.user_id)
+            self._counts.setdefault(event.product_id, Counter())[event.event_type] += 1
+        for user_id in touched:
+            rows = self._users[user_id]
+            if len(rows) > self.max_per_user:
+                del rows[: len(rows) - self.max_per_user]
 
     def recent(self, user_id: str, since: int = 0) -> list[Activity]:
         """The customer's kept events with ``ts >= since``, by ``ts`` then recording order."""

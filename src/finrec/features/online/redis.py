@@ -14,6 +14,7 @@ Keys, all under ``prefix`` (default ``finrec``; the event store's keys are ``<pr
   holds across processes and hosts.
 * ``<prefix>:online:product:<product_id>``: a hash per product, event type -> count (HINCRBY).
 * ``<prefix>:online:products``: the set of product ids that have a hash, for :meth:`product_counts`.
+* ``<prefix>:online:position``: the event log's sequence number of the last event applied (``apply``).
 
 A ``record`` takes its ``seq`` numbers with one INCRBY, then sends everything else as one MULTI/EXEC pipeline, so
 no reader sees part of a call. (A Lua script could do both in one round trip; MULTI/EXEC keeps the writes in plain
@@ -38,7 +39,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from finrec.errors import ConfigError
 from finrec.events.redis_store import _REDIS_HINT, _parse_redis_url
 from finrec.events.schema import Event
-from finrec.features.online import SUPPORTED_URLS, Activity, _check_events, _check_max, _check_open
+from finrec.features.online import SUPPORTED_URLS, Activity, _check_events, _check_max, _check_open, _check_position
 
 _SEQ_DIGITS = 20  # 10**20 > 2**64: Redis counters never outgrow the padding, so members sort by number
 
@@ -77,6 +78,7 @@ class RedisOnlineStore:
         self.prefix = prefix
         self.address = f"{host}:{port}/{db}"  # for messages; never the URL, which may hold a password
         self._seq_key = f"{prefix}:online:seq"
+        self._position_key = f"{prefix}:online:position"
         self._products_key = f"{prefix}:online:products"
         self._lock = threading.Lock()
         self._closed = False
@@ -106,13 +108,49 @@ class RedisOnlineStore:
         _check_open(self._closed)
         if not events:
             return
-        first = int(self._redis.incrby(self._seq_key, len(events))) - len(events) + 1
+        pipe = self._redis.pipeline(transaction=True)
+        self._queue(pipe, events)
+        pipe.execute()
+
+    def position(self) -> int | None:
+        """Sequence number in the event log of the last event applied (None: never set)."""
+        _check_open(self._closed)
+        value = self._redis.get(self._position_key)
+        return None if value is None else int(value)
+
+    def apply(self, events: Sequence[Event], after: int, upto: int) -> bool:
+        """Record ``events`` and move the position from ``after`` to ``upto`` in one MULTI/EXEC, if it is at
+        ``after`` (WATCH: a change of the position by another client in between makes EXEC write nothing)."""
+        import redis
+
+        _check_events(events)
+        _check_position(after, upto)
+        _check_open(self._closed)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.watch(self._position_key)
+            current = pipe.get(self._position_key)
+            if (0 if current is None else int(current)) != after:
+                pipe.unwatch()
+                return False
+            first = int(self._redis.incrby(self._seq_key, len(events))) - len(events) + 1 if events else 0
+            pipe.multi()
+            if events:
+                self._queue(pipe, events, first)
+            pipe.set(self._position_key, str(upto))
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
+
+    def _queue(self, pipe: Any, events: Sequence[Event], first: int | None = None) -> None:
+        if first is None:
+            first = int(self._redis.incrby(self._seq_key, len(events))) - len(events) + 1
         members: dict[str, dict[str, int]] = {}
         for seq, event in enumerate(events, start=first):
             body = json.dumps([event.ts, event.event_type, event.product_id], ensure_ascii=False, separators=(",", ":"))
             members.setdefault(event.user_id, {})[f"{seq:0{_SEQ_DIGITS}d}|{body}"] = event.ts
         counts = Counter((e.product_id, e.event_type) for e in events)
-        pipe = self._redis.pipeline(transaction=True)
         for user_id, scored in members.items():
             key = self._user_key(user_id)
             pipe.zadd(key, scored)
@@ -122,7 +160,6 @@ class RedisOnlineStore:
         for (product_id, event_type), n in counts.items():
             pipe.hincrby(self._product_key(product_id), event_type, n)
         pipe.sadd(self._products_key, *{product_id for product_id, _ in counts})
-        pipe.execute()
 
     def recent(self, user_id: str, since: int = 0) -> list[Activity]:
         """The customer's kept events with ``ts >= since``, by ``ts`` then recording order."""

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from finrec.events.schema import Event
-from finrec.features.online import Activity, _check_events, _check_max, _check_open
+from finrec.features.online import Activity, _check_events, _check_max, _check_open, _check_position
 from finrec.storage import open_wal_database
 
 _SCHEMA = (
@@ -33,6 +33,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS activity_user_ts ON activity (user_id, ts)",
     "CREATE TABLE IF NOT EXISTS product_counts (product_id TEXT NOT NULL, event_type TEXT NOT NULL, "
     "n INTEGER NOT NULL, PRIMARY KEY (product_id, event_type)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS online_position (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL)",
 )
 _INSERT = "INSERT INTO activity (user_id, ts, event_type, product_id) VALUES (?, ?, ?, ?)"
 # Everything of the customer past the newest max_per_user rows by (ts, seq).
@@ -86,18 +87,48 @@ class SQLiteOnlineStore:
             _check_open(self._closed)
             if not rows:
                 return
-            # IMMEDIATE takes the write lock up front, so rowids (seq) follow commit order across processes and a
-            # writer waiting in busy_timeout cannot deadlock with another upgrading a read transaction.
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(_INSERT, rows)
-                self._db.executemany(_TRIM, users)
-                self._db.executemany(_COUNT, [(p, t, n) for (p, t), n in counts.items()])
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
+            self._write(rows, users, counts, None)
+
+    def position(self) -> int | None:
+        """Sequence number in the event log of the last event applied (None: never set)."""
+        with self._lock:
+            _check_open(self._closed)
+            row = self._db.execute("SELECT seq FROM online_position WHERE id = 0").fetchone()
+        return None if row is None else int(row[0])
+
+    def apply(self, events: Sequence[Event], after: int, upto: int) -> bool:
+        """Record ``events`` and move the position from ``after`` to ``upto``, in one transaction, if it is at
+        ``after``."""
+        _check_events(events)
+        _check_position(after, upto)
+        rows = [(e.user_id, e.ts, e.event_type, e.product_id) for e in events]
+        users = [(user_id, self.max_per_user) for user_id in dict.fromkeys(e.user_id for e in events)]
+        counts = Counter((e.product_id, e.event_type) for e in events)
+        with self._lock:
+            _check_open(self._closed)
+            return self._write(rows, users, counts, (after, upto))
+
+    def _write(self, rows: list[tuple[str, int, str, str]], users: list[tuple[str, int]],
+               counts: Counter[tuple[str, str]], move: tuple[int, int] | None) -> bool:  # fmt: skip
+        # IMMEDIATE takes the write lock up front, so rowids (seq) follow commit order across processes and a
+        # writer waiting in busy_timeout cannot deadlock with another upgrading a read transaction.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if move is not None:
+                row = self._db.execute("SELECT seq FROM online_position WHERE id = 0").fetchone()
+                if (0 if row is None else int(row[0])) != move[0]:
                     self._db.execute("ROLLBACK")
-                raise
+                    return False
+                self._db.execute("INSERT OR REPLACE INTO online_position (id, seq) VALUES (0, ?)", (move[1],))
+            self._db.executemany(_INSERT, rows)
+            self._db.executemany(_TRIM, users)
+            self._db.executemany(_COUNT, [(p, t, n) for (p, t), n in counts.items()])
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        return True
 
     def recent(self, user_id: str, since: int = 0) -> list[Activity]:
         """The customer's kept events with ``ts >= since``, by ``ts`` then recording order."""

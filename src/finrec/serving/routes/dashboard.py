@@ -23,8 +23,10 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from finrec.monitoring.fairness import suppress_small_groups
 from finrec.monitoring.report import build_monitor_report, render_html, stored_alerts
-from finrec.serving.routes.deps import ServiceDep
+from finrec.serving.paths import scrub_value
+from finrec.serving.routes.deps import MonitorCaller, MonitorPageCaller, ServiceDep
 from finrec.serving.service import Service
 
 router = APIRouter(tags=["monitoring"])
@@ -69,7 +71,9 @@ def _build(service: Service) -> dict[str, Any]:
     report["model_version"] = rec.model.version
     if note:
         report["notes"].append(note)
-    return report
+    suppress_small_groups(report, service.settings.monitor.min_reported_group_size)
+    scrubbed: dict[str, Any] = scrub_value(report)  # type: ignore[assignment]  # no server paths in an answer
+    return scrubbed
 
 
 def _drift_of_alert(alert: dict[str, Any]) -> dict[str, Any]:
@@ -106,15 +110,18 @@ def _cached(service: Service, html: bool) -> tuple[dict[str, Any], str | None]:
         return entry.report, entry.html
 
 
-@router.get("/dashboard", response_class=HTMLResponse)
-def dashboard(service: ServiceDep) -> HTMLResponse:
-    """Monitoring page (HTML, self-contained): conversion per model and arm, guardrail health, fairness, alerts."""
+@router.get("/dashboard", response_class=HTMLResponse, openapi_extra={"x-scopes": ["monitor"]})
+def dashboard(caller: MonitorPageCaller, service: ServiceDep) -> HTMLResponse:
+    """Monitoring page (HTML, self-contained): conversion per model and arm, guardrail health, fairness, alerts.
+
+    In a browser, give an API key with the `monitor` scope as the password when it asks (any user name).
+    """
     _, page = _cached(service, html=True)
     return HTMLResponse(page or "", headers={"Cache-Control": "no-store"})
 
 
-@router.get("/dashboard.json")
-def dashboard_json(service: ServiceDep) -> dict[str, Any]:
+@router.get("/dashboard.json", openapi_extra={"x-scopes": ["monitor"]})
+def dashboard_json(caller: MonitorCaller, service: ServiceDep) -> dict[str, Any]:
     """The data behind /dashboard, as JSON (the same as `finrec monitor` writes to monitor.json)."""
     report, _ = _cached(service, html=False)
     return report
