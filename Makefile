@@ -4,8 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: public-data bench-public
-.PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle clean
+.PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle \
+	bench-security public-data bench-public clean
 
 # apt-get install the Debian packages $(1) unless every program in $(2) (names or paths) is there: quietly, with
 # no prompts, and `apt-get update` only when the install fails first (a fresh machine's package lists are empty or
@@ -38,6 +38,7 @@ demo: $(STAMP)
 ## The whole test suite, slow and integration tests included (what CI runs).
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/pytest -m "" -q
 
 ## Quick tests only (slow and integration skipped).
@@ -67,7 +68,6 @@ bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/bench_serve.py
 
 ## What authentication, the trusted-event check and durability = "power" cost per request.
-.PHONY: bench-security
 bench-security: $(STAMP)
 	$(BIN)/python benchmarks/bench_security.py
 

@@ -134,6 +134,12 @@ class TrainSettings(_Section):
         "customer column), `item_cf` (EASE up to `max_ease_products` products, cosine item-kNN above), "
         "`transitions` (customers who have X add Y next). Each one's score and rank are ranker features.",
     )
+    serve: Literal["auto", "stack"] = Field(
+        "auto",
+        description="What the bundle serves. `auto`: the simplest of popularity, each source, the two-tower and the "
+        "stack whose validation NDCG@10 is within one standard error of the best (never worse than popularity). "
+        "`stack`: the ranker over every source's candidates, whatever validation says (the table is still kept).",
+    )
     max_ease_products: int = Field(
         20_000, ge=2, le=20_000, description="Largest catalogue for EASE (a dense products x products inverse)."
     )

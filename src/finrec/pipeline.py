@@ -215,7 +215,14 @@ def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings
     report["model"]["version"] = manifest["metrics"].get("model_version")
     report["model"]["training"] = _training_summary(manifest["metrics"].get("training", {}))
     report["model"]["fallbacks"] = manifest["metrics"].get("fallbacks", [])
-    if manifest["inputs"].get("data_fingerprint") == ds.fingerprint:
+    plan = manifest["metrics"].get("validation", {}).get("plan", {})
+    same_data = manifest["inputs"].get("data_fingerprint") == ds.fingerprint
+    if same_data and plan and "impressions" not in str(plan.get("reason", "")):
+        report["notes"].insert(0, "This bundle learned without impressions, from its own validation plan "
+                                  f"({plan.get('kind')}) and then from all the data: it has seen this window, so "
+                                  "these figures are optimistic. The honest figure is the validation table in the "
+                                  "bundle's manifest (printed by `finrec train`).")  # fmt: skip
+    elif same_data:
         report["notes"].insert(0, "Evaluated on the training dataset's own held-out window (after the last cutoff "
                                   "the model saw).")  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)

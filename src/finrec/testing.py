@@ -13,7 +13,8 @@ SMALL_WORLD = WorldConfig(users=6_000, products=60, months=6, seed=11)
 TINY_WORLD = WorldConfig(users=2_000, products=40, months=4, seed=3)
 
 #: Training settings that keep :data:`TINY_WORLD`'s model quick to train (shorter windows, fewer epochs).
-TINY_TRAIN = {"max_epochs": 8, "eval_days": 30, "label_days": 30}
+#: ``serve = "stack"``: the service tests exercise the whole path (candidates, ranker, reasons, live features).
+TINY_TRAIN = {"max_epochs": 8, "eval_days": 30, "label_days": 30, "serve": "stack"}
 
 #: The Redis database the test suites use (keys under a unique prefix per test, deleted afterwards).
 REDIS_TEST_URL = "redis://127.0.0.1:6379/15"

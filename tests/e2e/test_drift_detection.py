@@ -38,7 +38,7 @@ STRENGTH = 4.0
 PLAUSIBLE = re.compile(
     r"^(user_(click|apply|approve|decline)_\d+d"
     r"|user_holds_(savings|term_deposit|credit_card|personal_loan|auto_loan|mortgage|investment_fund)"
-    r"|product_(engaged|ctr)_90d|approval_odds|retrieval_score|score)$"
+    r"|product_(engaged|ctr)_90d|src_popularity_recent(_rank)?|approval_odds|retrieval_score|score)$"
 )
 
 

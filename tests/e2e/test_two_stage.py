@@ -196,13 +196,17 @@ def test_train_writes_a_complete_manifest(trained: dict[str, Any], small_ds: Dat
     assert m["model_version"].endswith(small_ds.fingerprint[:8])
     assert m["stages"] == trained["model"].stages()
     # The small world has enough signal for every stage: no fallback.
-    assert m["stages"] == {
-        "retrieval": "two_tower",
-        "ranking": "lightgbm_lambdarank",
-        "approval_odds": "lightgbm+isotonic",
-    }
+    assert m["stages"]["ranking"] == "lightgbm_lambdarank" and m["stages"]["approval_odds"] == "lightgbm+isotonic"
+    assert m["stages"]["retrieval"].startswith("two_tower + popularity")
+    assert {"ease", "transitions"} <= set(m["stages"]["retrieval"].split(" + "))
     assert m["fallbacks"] == []
-    assert {"retrieval", "approval", "ranker"} <= set(m["training"])
+    assert {"retrieval", "approval", "ranker", "sources"} <= set(m["training"])
+    # The selection guard's table: popularity, each source, the two-tower and the stack on held-out customers,
+    # and what serves is never worse than popularity there.
+    v = m["validation"]
+    assert {"popularity", "two_tower", "stack", "ease"} <= set(v["table"])
+    assert m["serves"] == v["serves"] and m["serves"] in v["table"]
+    assert v["table"][m["serves"]]["ndcg@10"] >= v["table"]["popularity"]["ndcg@10"]
     assert manifest["config"]["split"]["eval_cutoff"] < manifest["config"]["split"]["end"]
     # Every file is listed with its checksum, and nothing is left outside the bundle.
     for rel, info in manifest["files"].items():

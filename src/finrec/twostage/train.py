@@ -239,10 +239,15 @@ Tune = tuple[np.ndarray, Relevance, np.ndarray]  # customers, their answer, thei
 
 def _tune_ndcg(tune: Tune, n_products: int, scores: np.ndarray) -> float:
     """NDCG@10 of ``scores`` (rows of the tuning customers) on their answer."""
+    v = _tune_per_user(tune, n_products, scores)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else 0.0
+
+
+def _tune_per_user(tune: Tune, n_products: int, scores: np.ndarray) -> np.ndarray:
+    """Per-customer NDCG@10 of ``scores`` on the tuning customers' answer."""
     _, rel, allowed = tune
     top = _top_k(np.where(allowed, scores, -np.inf), GUARD_K)
-    v = np.asarray(evaluate_rankings(top, rel, n_products, k=GUARD_K, recall_ks=(GUARD_K,))[f"ndcg@{GUARD_K}"])
-    return float(np.nanmean(v)) if np.isfinite(v).any() else 0.0
+    return np.asarray(evaluate_rankings(top, rel, n_products, k=GUARD_K, recall_ks=(GUARD_K,))[f"ndcg@{GUARD_K}"])
 
 
 def _fit_segment(ds: Dataset, inter: Interactions, settings: FinrecSettings, tune: Tune | None,
@@ -278,38 +283,40 @@ def _fit_ease(ds: Dataset, inter: Interactions, tune: Tune | None, info: dict[st
         grid = [0.1, 0.4, 1.6]
     else:
         grid = [0.5]
-    best: tuple[float, float, EASESource] | None = None
-    tried: dict[float, float] = {}
+    per_user: dict[float, np.ndarray] = {}
+    tuning = tune is not None and len(grid) > 1
 
-    def consider(c: float) -> None:
-        nonlocal best
-        cand = EASESource(l2=c).fit(inter, g=g)
-        value = 0.0
-        if tune is not None and len(grid) > 1:
-            value = _tune_ndcg(tune, ds.n_products, cand.score(inter.matrix[tune[0]]))
-        tried[c] = value
-        if best is None or value > best[0]:
-            best = (value, c, cand)
-
-    for c in grid:
-        consider(c)
-    # A best penalty at the edge of the grid means the optimum lies beyond it: walk on while it improves.
-    for _ in range(4 if tune is not None and len(grid) > 1 else 0):
-        assert best is not None
-        top, bottom = max(tried), min(tried)
-        if best[1] == top:
-            step = top * 2
-        elif best[1] == bottom:
-            step = bottom / 2
+    def consider(c: float) -> None:  # one penalty's per-customer NDCG (the fit is dropped: n x n floats each)
+        if tune is not None and tuning:
+            per_user[c] = _tune_per_user(tune, ds.n_products, EASESource(l2=c).fit(inter, g=g).score(
+                inter.matrix[tune[0]]))  # fmt: skip
         else:
+            per_user[c] = np.zeros(1)
+
+    for c in grid if tuning else grid[:1]:
+        consider(c)
+    # The penalty that validates best; at the grid's edge the walk goes on while it improves. (Breiman's
+    # one-standard-error rule, the strongest penalty within one SE of the best, was measured too: it
+    # over-regularised on InstEval and CoIL 2000, -0.010 and -0.004, docs/model.md.)
+    def mean(c: float) -> float:
+        return float(np.nanmean(per_user[c])) if np.isfinite(per_user[c]).any() else 0.0
+
+    def choice() -> float:
+        return max(sorted(per_user), key=mean)
+
+    for _ in range(4 if tuning else 0):
+        chosen, top, bottom = choice(), max(per_user), min(per_user)
+        if chosen not in (top, bottom):
             break
-        before = best[0]
-        consider(step)
-        if best[0] <= before:
+        before = mean(chosen)
+        consider(top * 2 if chosen == top else bottom / 2)
+        if mean(choice()) <= before:
             break
-    assert best is not None
-    info["ease"] = {"l2_over_mean_count": best[1], "penalty": best[2].penalty_, "tried": tried}
-    return best[2]
+    chosen = choice() if tuning else grid[0]
+    src = EASESource(l2=chosen).fit(inter, g=g)
+    info["ease"] = {"l2_over_mean_count": chosen, "penalty": src.penalty_,
+                    "tried": {str(c): round(float(np.nanmean(v)), 5) for c, v in sorted(per_user.items())}}  # fmt: skip
+    return src
 
 
 def _fit_sources(ds: Dataset, inter: Interactions, settings: FinrecSettings, report: TrainingReport,
@@ -385,8 +392,11 @@ def _allowed_new(rules: ProductRules, model: TwoStageModel, builder: FeatureBuil
 
 
 def _guard(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, allowed: np.ndarray,
-           targets: pd.DataFrame, report: TrainingReport, progress: bool) -> str:  # fmt: skip
-    """Score popularity, each source, the two-tower and the stack on held-out customers; the best serves."""
+           targets: pd.DataFrame, report: TrainingReport, progress: bool, forced: str = "auto") -> str:  # fmt: skip
+    """Score popularity, each source, the two-tower and the stack on held-out customers; the best serves.
+
+    ``forced = "stack"`` (``[train] serve``) serves the stack whatever the table says (the table still says it).
+    """
     history = builder.history(snap.cutoff, model.config.history_length)
     methods = ["popularity"] if model.sources is None else [*model.sources_at(builder, snap).names]  # type: ignore[union-attr]
     if "popularity" not in methods:
@@ -416,8 +426,12 @@ def _guard(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users:
     report.validation["metric"] = key
     report.validation["rule"] = ("the simplest method whose NDCG@10 is within one standard error (paired, over "
                                  "customers) of the best")  # fmt: skip
-    report.validation["serves"] = best
     report.validation["popularity"] = table["popularity"].get(key, 0.0)
+    if forced == "stack" and "stack" in methods and best != "stack":
+        report.validation["chosen"] = best
+        report.validation["rule"] += "; [train] serve = stack overrides it"
+        best = "stack"
+    report.validation["serves"] = best
     return best
 
 
@@ -581,7 +595,7 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
     clock = time.perf_counter()
     if len(guard_users) and t.model == "two_stage":
         allowed = allowed_mask(rules, rank_snap, guard_users, ds.n_products)
-        model.serve = _guard(model, builder, rank_snap, guard_users, allowed, new, report, progress)
+        model.serve = _guard(model, builder, rank_snap, guard_users, allowed, new, report, progress, t.serve)
     _refit_sources(model, ds)
     report.seconds["validation_and_refit"] = time.perf_counter() - clock
     return model, report
@@ -725,7 +739,7 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
     gsnap = builder.snapshot(plan.cutoff) if plan.cutoff != rank_cut else snap
     if len(guard_users):
         g_allowed = _allowed_new(rules, model, builder, gsnap, guard_users)
-        model.serve = _guard(model, builder, gsnap, guard_users, g_allowed, plan.targets, report, progress)
+        model.serve = _guard(model, builder, gsnap, guard_users, g_allowed, plan.targets, report, progress, t.serve)
     # Refit: the ranker on every validation customer (forward in time: the later window too) with the trees
     # chosen, the sources on all the data.
     if ranker is not None and rows is not None and len(guard_users):
