@@ -139,10 +139,10 @@ class SourceSet:
                  items: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
         """``src_<name>`` and ``src_<name>_rank`` of pairs (row ``q[i]`` of the block, product ``items[i]``)."""
         out: dict[str, np.ndarray] = {}
-        for name, s in scores.items():
+        for name, s in scores.items():  # float32: what the ranker reads (the cast is the same one, done earlier)
             ranks = ranks_among(s, allowed)
-            out[f"src_{name}"] = s[q, items]
-            out[f"src_{name}_rank"] = ranks[q, items].astype(np.float64)
+            out[f"src_{name}"] = s[q, items].astype(np.float32)
+            out[f"src_{name}_rank"] = ranks[q, items].astype(np.float32)
         return out
 
     # -- persistence -------------------------------------------------------------------------------

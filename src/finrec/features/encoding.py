@@ -147,12 +147,21 @@ class FeatureSpace:
         self, snap: Snapshot, users: np.ndarray, products: np.ndarray, pairs: pd.DataFrame, pair_columns: list[str]
     ) -> np.ndarray:
         """(len(users), n_features) float32 with NaN for missing, in the order of :meth:`tabular_names`."""
-        pair = [pairs[c].to_numpy(np.float64) if c in pairs.columns else np.full(len(users), np.nan)
-                for c in pair_columns]  # fmt: skip
-        blocks = [self.user_tabular(snap.users, users), self.product_tabular(snap.products, products)]
-        if pair:
-            blocks.append(np.column_stack(pair))
-        return np.hstack(blocks).astype(np.float32)
+        # Filled block by block into one float32 matrix: no float64 copy of the whole table (it is the peak of a
+        # training's memory). Each value is cast to float32 exactly as a float64 table cast at the end would be.
+        user = self.user_tabular(snap.users, users)
+        n_user = user.shape[1]
+        out = np.empty((len(users), n_user + len(self.product_numeric) + len(self.product_vocab) + len(pair_columns)),
+                       dtype=np.float32)  # fmt: skip
+        out[:, :n_user] = user
+        del user
+        prod = self.product_tabular(snap.products, products)
+        out[:, n_user : n_user + prod.shape[1]] = prod
+        start = n_user + prod.shape[1]
+        del prod
+        for j, c in enumerate(pair_columns):
+            out[:, start + j] = pairs[c].to_numpy(np.float64) if c in pairs.columns else np.nan
+        return out
 
     # -- persistence ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -64,9 +64,12 @@ class Ranker:
         if not (len(X) == len(y) == len(query)):
             raise ValueError("X, y and query must have the same number of rows")
         cfg = self.config
-        order = np.argsort(query, kind="stable")
-        X, y, query = X[order], y[order].astype(np.int32), query[order]
-        pos = None if position is None else np.asarray(position, dtype=np.int32)[order]
+        if len(query) and np.all(query[1:] >= query[:-1]):  # already grouped: no copy of X (it is the big one)
+            y, pos = y.astype(np.int32), None if position is None else np.asarray(position, dtype=np.int32)
+        else:
+            order = np.argsort(query, kind="stable")
+            X, y, query = X[order], y[order].astype(np.int32), query[order]
+            pos = None if position is None else np.asarray(position, dtype=np.int32)[order]
         uq, starts = np.unique(query, return_index=True)
         sizes = np.diff(np.r_[starts, len(query)])
         rng = np.random.default_rng(cfg.seed)

@@ -236,8 +236,8 @@ class TwoStageModel:
         pairs["retrieval_score"] = ret_score
         pairs["retrieval_rank"] = ret_rank
         pairs["approval_odds"] = np.nan
-        for c, v in (extra or {}).items():
-            pairs[c] = v
+        for c in list(extra or {}):  # popped: the caller's columns are freed as the frame takes them
+            pairs[c] = extra.pop(c)  # type: ignore[union-attr]
         names, _ = self.space.tabular_names(self.pair_columns)
         X = self.space.tabular(snap, users, items, pairs, self.pair_columns)
         if self.approval is not None and "approval_odds" in names:

@@ -54,7 +54,7 @@ MIN_RETRIEVAL_PAIRS = 50
 MIN_RANKER_QUERIES = 20
 #: Share of the validation customers kept out of the ranker to choose what is served, and at most how many.
 GUARD_SHARE = 0.25
-MAX_GUARD_CUSTOMERS = 10_000
+MAX_GUARD_CUSTOMERS = 30_000
 #: Customers used to choose a source's hyperparameters (EASE's penalty, the segment column).
 MAX_TUNE_CUSTOMERS = 5_000
 BLOCK = 2_000
@@ -138,8 +138,13 @@ def train_two_stage(
 
 # -- shared steps --------------------------------------------------------------------------------------
 def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: FeatureSpace, settings: FinrecSettings,
-                   report: TrainingReport, progress: bool) -> TwoTowerModel | None:  # fmt: skip
-    """The two-tower on the retrieval windows of ``split``, early-stopped on its ranker window."""
+                   report: TrainingReport, progress: bool,
+                   exclude: np.ndarray | None = None) -> TwoTowerModel | None:  # fmt: skip
+    """The two-tower on the retrieval windows of ``split``, early-stopped on its ranker window.
+
+    ``exclude``: customers kept out of the early stopping (the selection guard's: a model whose epochs were
+    chosen on them would look better to the guard than it is).
+    """
     t, ds = settings.train, builder.ds
     grades = dict(settings.events.grades)
     snaps = [builder.snapshot(c) for c in split.retrieval_cutoffs]
@@ -158,6 +163,8 @@ def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: Feature
         weight_parts.append(pos["grade"].to_numpy(np.float32))
         offset += len(users)
     val_pos = _positives(builder, split.rank_cutoff, split.eval_cutoff, grades, t.retrieval_min_grade)
+    if exclude is not None and len(exclude):
+        val_pos = val_pos[~np.isin(val_pos["user"].to_numpy(), exclude)]
     val_users = np.unique(val_pos["user"].to_numpy())
     n_pairs = sum(len(p) for p in pair_parts)
     if n_pairs < MIN_RETRIEVAL_PAIRS or not len(val_users):
@@ -514,9 +521,21 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
     clock = time.perf_counter()
     rank_snap = builder.snapshot(split.rank_cutoff)
     space = FeatureSpace.fit(rank_snap)
+    # Validation customers: positives in the ranker window of products they do not hold (what `finrec evaluate`
+    # counts on its window: with a logged funnel, coming back to an offer is engagement too); a part of them,
+    # kept out of the ranker and out of the two-tower's early stopping, chooses what serves.
+    labels = builder.labels(split.rank_cutoff, split.eval_cutoff, grades)
+    new = labels[labels["grade"] >= t.retrieval_min_grade]
+    held_keys = rank_snap.held["user"].to_numpy(np.int64) * ds.n_products + rank_snap.held["product"].to_numpy()
+    new = new[~np.isin(new["user"].to_numpy(np.int64) * ds.n_products + new["product"].to_numpy(), held_keys)]
+    shown_users = builder.shown(split.rank_cutoff, split.eval_cutoff)["user"].to_numpy()
+    q_all = np.unique(np.concatenate([labels["user"].to_numpy(), shown_users]))
+    guard_users = np.empty(0, np.int64)
+    if t.model == "two_stage" and len(np.unique(new["user"])) >= 2 * MIN_RANKER_QUERIES:
+        _, guard_users = _split_customers(np.unique(new["user"].to_numpy()), 0, t.seed)
     retriever = None
     if t.model == "two_stage":
-        retriever = _fit_two_tower(builder, split, space, settings, report, progress)
+        retriever = _fit_two_tower(builder, split, space, settings, report, progress, exclude=guard_users)
     else:
         report.fallbacks.append("retrieval: [train] model = popularity; candidates come from popularity among "
                                 "allowed products")  # fmt: skip
@@ -527,18 +546,6 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
     popularity = np.log1p(np.bincount(ev.product[ev.etype >= ETYPE["click"]], minlength=ds.n_products)).astype(float)
     base_columns = [*_pair_columns(builder, rank_snap), *PAIR_COLUMNS_EXTRA]
     model = _new_model(ds, settings, space, retriever, base_columns, popularity, split)
-    # Validation customers: positives in the ranker window of products they do not hold (what `finrec evaluate`
-    # counts on its window: with a logged funnel, coming back to an offer is engagement too); a part of them,
-    # kept out of the ranker, chooses what serves.
-    labels = builder.labels(split.rank_cutoff, split.eval_cutoff, grades)
-    new = labels[labels["grade"] >= t.retrieval_min_grade]
-    held_keys = rank_snap.held["user"].to_numpy(np.int64) * ds.n_products + rank_snap.held["product"].to_numpy()
-    new = new[~np.isin(new["user"].to_numpy(np.int64) * ds.n_products + new["product"].to_numpy(), held_keys)]
-    shown_users = builder.shown(split.rank_cutoff, split.eval_cutoff)["user"].to_numpy()
-    q_all = np.unique(np.concatenate([labels["user"].to_numpy(), shown_users]))
-    guard_users = np.empty(0, np.int64)
-    if t.model == "two_stage" and len(np.unique(new["user"])) >= 2 * MIN_RANKER_QUERIES:
-        _, guard_users = _split_customers(np.unique(new["user"].to_numpy()), 0, t.seed)
     if t.model == "two_stage":
         inter = model.positives(builder, rank_snap)
         tune_users = np.setdiff1d(np.unique(new["user"].to_numpy()), guard_users)[:MAX_TUNE_CUSTOMERS]
@@ -580,10 +587,11 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
         keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1  # queries with something to rank
         if pd.unique(qid[keep]).size >= MIN_RANKER_QUERIES:
             position = pos[keep] if t.position_debias and (pos[keep] > 0).any() else None
+            X, y, qid = X[keep], y[keep], qid[keep]  # the unfiltered rows are freed before LightGBM copies them
             ranker = Ranker(RankerConfig(seed=t.seed)).fit(
-                X[keep], y[keep], qid[keep], names, space.tabular_names(model.pair_columns)[1], position=position
+                X, y, qid, names, space.tabular_names(model.pair_columns)[1], position=position
             )
-            report.metrics["ranker"] = _ranker_metrics(ranker, int(keep.sum()), rows="shown")
+            report.metrics["ranker"] = _ranker_metrics(ranker, len(y), rows="shown")
     if ranker is None and t.model == "popularity":
         report.fallbacks.append("ranker: [train] model = popularity; products are ordered by popularity")
     elif ranker is None:
@@ -810,8 +818,8 @@ def _ranker_rows(
         src = model.source_scores(builder, snap, block)
         for c, v in SourceSet.features(src, allowed[start : start + BLOCK], q[m] - start, items[m]).items():
             extra.setdefault(c, []).append(v)
-    X, names = model.tabular(builder, snap, users[q], items, score, rank.astype(np.float64),
-                             {c: np.concatenate(v) for c, v in extra.items()})  # fmt: skip
+    columns = {c: np.concatenate(extra.pop(c)) for c in list(extra)}
+    X, names = model.tabular(builder, snap, users[q], items, score, rank.astype(np.float64), columns)
     return X, rows["grade"].to_numpy(np.int32), q, rows["position"].to_numpy(np.int64), names
 
 
