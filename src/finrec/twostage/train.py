@@ -241,7 +241,9 @@ def _source_plan(ds: Dataset, settings: FinrecSettings) -> list[str]:
     return out
 
 
-Tune = tuple[np.ndarray, Relevance, np.ndarray]  # customers, their answer, their allowed products
+#: Customers, their answer, their allowed products, and the positives at the cutoff the answer follows (sources
+#: are fitted on those to choose their hyperparameters; the chosen ones are then fitted where they serve).
+Tune = tuple[np.ndarray, Relevance, np.ndarray, Interactions]
 
 
 def _tune_ndcg(tune: Tune, n_products: int, scores: np.ndarray) -> float:
@@ -252,7 +254,7 @@ def _tune_ndcg(tune: Tune, n_products: int, scores: np.ndarray) -> float:
 
 def _tune_per_user(tune: Tune, n_products: int, scores: np.ndarray) -> np.ndarray:
     """Per-customer NDCG@10 of ``scores`` on the tuning customers' answer."""
-    _, rel, allowed = tune
+    _, rel, allowed, _ = tune
     top = _top_k(np.where(allowed, scores, -np.inf), GUARD_K)
     return np.asarray(evaluate_rankings(top, rel, n_products, k=GUARD_K, recall_ks=(GUARD_K,))[f"ndcg@{GUARD_K}"])
 
@@ -268,13 +270,12 @@ def _fit_segment(ds: Dataset, inter: Interactions, settings: FinrecSettings, tun
         vocab = sorted(ds.users[c].dropna().astype(str).unique().tolist())
         codes = SourceSet([], c, vocab).segment_codes(ds.users)
         assert codes is not None
-        cand = SegmentPopularitySource(c).fit(inter, codes)
         value = 0.0
         if tune is not None:
-            users = tune[0]
-            value = _tune_ndcg(tune, ds.n_products, cand.score(inter.matrix[users], codes[users]))
+            users, tuned = tune[0], SegmentPopularitySource(c).fit(tune[3], codes)
+            value = _tune_ndcg(tune, ds.n_products, tuned.score(tune[3].matrix[users], codes[users]))
         if best is None or value > best[0]:
-            best = (value, c, vocab, cand)
+            best = (value, c, vocab, SegmentPopularitySource(c).fit(inter, codes))
     assert best is not None
     info["segment"] = {"column": best[1], "tried": cols}
     return best[3], best[1], best[2]
@@ -282,7 +283,7 @@ def _fit_segment(ds: Dataset, inter: Interactions, settings: FinrecSettings, tun
 
 def _fit_ease(ds: Dataset, inter: Interactions, tune: Tune | None, info: dict[str, Any]) -> EASESource:
     """EASE with the penalty (relative to the mean product count) that validates best."""
-    g = gram(inter.matrix)
+    g_tune = gram(tune[3].matrix) if tune is not None else None
     # A finer grid where an inverse is cheap.
     if ds.n_products <= 3_000:
         grid = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
@@ -295,8 +296,8 @@ def _fit_ease(ds: Dataset, inter: Interactions, tune: Tune | None, info: dict[st
 
     def consider(c: float) -> None:  # one penalty's per-customer NDCG (the fit is dropped: n x n floats each)
         if tune is not None and tuning:
-            per_user[c] = _tune_per_user(tune, ds.n_products, EASESource(l2=c).fit(inter, g=g).score(
-                inter.matrix[tune[0]]))  # fmt: skip
+            per_user[c] = _tune_per_user(tune, ds.n_products, EASESource(l2=c).fit(tune[3], g=g_tune).score(
+                tune[3].matrix[tune[0]]))  # fmt: skip
         else:
             per_user[c] = np.zeros(1)
 
@@ -320,7 +321,7 @@ def _fit_ease(ds: Dataset, inter: Interactions, tune: Tune | None, info: dict[st
         if mean(choice()) <= before:
             break
     chosen = choice() if tuning else grid[0]
-    src = EASESource(l2=chosen).fit(inter, g=g)
+    src = EASESource(l2=chosen).fit(inter)
     info["ease"] = {"l2_over_mean_count": chosen, "penalty": src.penalty_,
                     "tried": {str(c): round(float(np.nanmean(v)), 5) for c, v in sorted(per_user.items())}}  # fmt: skip
     return src
@@ -551,7 +552,8 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
         tune_users = np.setdiff1d(np.unique(new["user"].to_numpy()), guard_users)[:MAX_TUNE_CUSTOMERS]
         tune = None
         if len(tune_users):
-            tune = (tune_users, _answer(tune_users, new), allowed_mask(rules, rank_snap, tune_users, ds.n_products))
+            tune = (tune_users, _answer(tune_users, new), allowed_mask(rules, rank_snap, tune_users, ds.n_products),
+                    inter)
         sources = _fit_sources(ds, inter, settings, report, tune)
         if sources.sources:
             model.sources = sources
@@ -688,8 +690,21 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
     base_columns = [*_pair_columns(builder, snap), *PAIR_COLUMNS_EXTRA]
     model = _new_model(ds, settings, space, retriever, base_columns, popularity, split)
     inter = model.positives(builder, snap)
-    tune_users = rank_users[:MAX_TUNE_CUSTOMERS]
-    tune = (tune_users, _answer(tune_users, rank_targets), _allowed_new(rules, model, builder, snap, tune_users))
+    gsnap = builder.snapshot(plan.cutoff) if plan.cutoff != rank_cut else snap
+    if earlier is not None:
+        # Forward in time, hyperparameters are chosen on the latest window (the closest to what the bundle will
+        # face), on the guard's customers: a choice that favours a source there only makes the guard stricter
+        # with the stack.
+        tune_users = guard_users[:MAX_TUNE_CUSTOMERS]
+        t_inter = Interactions.from_events(ds.events, ds.n_users, ds.n_products, grades, t.retrieval_min_grade,
+                                           cutoff=plan.cutoff)  # fmt: skip
+        t_allowed = allowed_mask(rules, gsnap, tune_users, ds.n_products)
+        t_allowed[t_inter.matrix[tune_users].nonzero()] = False
+        tune: Tune = (tune_users, _answer(tune_users, plan.targets), t_allowed, t_inter)
+    else:
+        tune_users = rank_users[:MAX_TUNE_CUSTOMERS]
+        tune = (tune_users, _answer(tune_users, rank_targets), _allowed_new(rules, model, builder, snap, tune_users),
+                inter)
     sources = _fit_sources(ds, inter, settings, report, tune if len(tune_users) else None)
     if sources.sources:
         model.sources = sources
@@ -744,7 +759,6 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
     report.seconds["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    gsnap = builder.snapshot(plan.cutoff) if plan.cutoff != rank_cut else snap
     if len(guard_users):
         g_allowed = _allowed_new(rules, model, builder, gsnap, guard_users)
         model.serve = _guard(model, builder, gsnap, guard_users, g_allowed, plan.targets, report, progress, t.serve)
