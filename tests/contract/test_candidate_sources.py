@@ -187,3 +187,23 @@ def test_a_source_set_round_trips_and_refits_at_any_cutoff(tmp_path: Path) -> No
     allowed[:, 0] = False
     cands = SourceSet.candidates(sset.scores(h, group[[0, 300]]), allowed, 2)
     assert all(0 not in c for c in cands)
+
+
+def test_one_customer_is_scored_and_merged_exactly_as_in_a_batch() -> None:
+    """The request path scores one customer at a time through fast paths: they must equal the batch path bit
+    for bit, ties included (offline equals online)."""
+    inter, group = data()
+    rng = np.random.default_rng(5)
+    sources = [make().fit(inter, group) for make in SOURCES.values()]
+    rows = inter.matrix[:40]
+    allowed = rng.random((40, N_PRODUCTS)) < 0.7
+    for src in sources:
+        batch = src.score(rows, group[:40])
+        for i in range(40):
+            np.testing.assert_array_equal(src.score(rows[i], group[i : i + 1])[0], batch[i])
+    scores = {s.name: s.score(rows, group[:40]) for s in sources}
+    scores["flat"] = np.zeros((40, N_PRODUCTS))  # every product tied
+    batch_c = SourceSet.candidates(scores, allowed, 3)
+    for i in range(40):
+        one = SourceSet.candidates({k: v[i : i + 1] for k, v in scores.items()}, allowed[i : i + 1], 3)[0]
+        np.testing.assert_array_equal(one, batch_c[i])

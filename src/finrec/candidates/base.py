@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from finrec.candidates.interactions import Interactions
 from finrec.errors import ArtifactError
 
-__all__ = ["CandidateSource", "NotFittedError", "save_arrays", "load_arrays", "check_params"]
+__all__ = ["CandidateSource", "NotFittedError", "as_csr32", "check_params", "load_arrays", "one_row", "save_arrays"]
 
 
 class NotFittedError(RuntimeError):
@@ -55,6 +55,21 @@ class CandidateSource(Protocol):
     def score(self, history: sp.csr_matrix, segments: np.ndarray | None = None) -> np.ndarray: ...
 
     def save(self, directory: Path) -> None: ...
+
+
+def as_csr32(history: sp.csr_matrix) -> sp.csr_matrix:
+    """``history`` as float32 CSR, without a copy when it already is one (the request path scores one customer,
+    where scipy's conversions cost more than the product itself)."""
+    if isinstance(history, sp.csr_matrix) and history.dtype == np.float32:
+        return history
+    return sp.csr_matrix(history, dtype=np.float32)
+
+
+def one_row(items: np.ndarray, n_products: int) -> sp.csr_matrix:
+    """A one-customer history: 1 at the (distinct) product rows ``items``."""
+    cols = np.unique(np.asarray(items, dtype=np.int32))
+    return sp.csr_matrix((np.ones(len(cols), np.float32), cols, np.array([0, len(cols)], dtype=np.int32)),
+                         shape=(1, n_products))  # fmt: skip
 
 
 def check_params(cls: type, params: dict[str, Any], allowed: set[str]) -> None:

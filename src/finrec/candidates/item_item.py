@@ -24,7 +24,15 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from finrec.candidates.base import NotFittedError, check_params, csr_from, csr_parts, load_arrays, save_arrays
+from finrec.candidates.base import (
+    NotFittedError,
+    as_csr32,
+    check_params,
+    csr_from,
+    csr_parts,
+    load_arrays,
+    save_arrays,
+)
 from finrec.candidates.interactions import Interactions
 
 MAX_EASE_PRODUCTS = 20_000
@@ -74,7 +82,10 @@ class EASESource:
     def score(self, history: sp.csr_matrix, segments: np.ndarray | None = None) -> np.ndarray:
         if not hasattr(self, "weights_"):
             raise NotFittedError("ease is not fitted")
-        return np.asarray(sp.csr_matrix(history, dtype=np.float32) @ self.weights_, dtype=np.float64)
+        h = as_csr32(history)
+        if h.shape[0] == 1 and np.all(h.data == 1.0):  # one customer (a request): rows summed in order, as scipy does
+            return np.asarray(self.weights_[h.indices].sum(axis=0, dtype=np.float32), dtype=np.float64)[None, :]
+        return np.asarray(h @ self.weights_, dtype=np.float64)
 
     def save(self, directory: Path) -> None:
         if not hasattr(self, "weights_"):
@@ -125,7 +136,7 @@ class ItemKNNSource:
     def score(self, history: sp.csr_matrix, segments: np.ndarray | None = None) -> np.ndarray:
         if not hasattr(self, "similarity_"):
             raise NotFittedError("item_knn is not fitted")
-        return np.asarray((sp.csr_matrix(history, dtype=np.float32) @ self.similarity_).toarray(), dtype=np.float64)
+        return np.asarray((as_csr32(history) @ self.similarity_).toarray(), dtype=np.float64)
 
     def save(self, directory: Path) -> None:
         if not hasattr(self, "similarity_"):

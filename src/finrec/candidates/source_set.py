@@ -58,7 +58,10 @@ def ranks_among(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     s = np.where(allowed, scores, -np.inf)
     order = np.argsort(-s, axis=1, kind="stable")
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(1, s.shape[1] + 1)[None, :], axis=1)
+    if len(order) == 1:  # one customer (a request): plain indexing, without put_along_axis's set-up
+        ranks[0, order[0]] = np.arange(1, s.shape[1] + 1)
+    else:
+        np.put_along_axis(ranks, order, np.arange(1, s.shape[1] + 1)[None, :], axis=1)
     return ranks
 
 
@@ -121,6 +124,14 @@ class SourceSet:
         """Per customer row: the union of every source's ``n`` best allowed products (sorted product rows)."""
         rows: list[np.ndarray] = []
         tops = []
+        if allowed.shape[0] == 1:  # one customer (a request): the same steps on 1-d arrays (the same ties win)
+            picks = []
+            for s in scores.values():
+                k = min(n, s.shape[1])
+                masked = np.where(allowed[0], s[0], -np.inf)
+                part = np.argpartition(-masked, k - 1)[:k] if k < s.shape[1] else np.arange(s.shape[1])
+                picks.append(part[allowed[0][part]])
+            return [np.unique(np.concatenate(picks)) if picks else np.empty(0, np.int64)]
         for s in scores.values():
             k = min(n, s.shape[1])
             masked = np.where(allowed, s, -np.inf)

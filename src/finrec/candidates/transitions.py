@@ -25,7 +25,7 @@ from typing import Any, Self
 import numpy as np
 import scipy.sparse as sp
 
-from finrec.candidates.base import NotFittedError, check_params, load_arrays, save_arrays
+from finrec.candidates.base import NotFittedError, as_csr32, check_params, load_arrays, save_arrays
 from finrec.candidates.interactions import Interactions
 
 MIN_ADDITIONS = 20
@@ -74,10 +74,15 @@ class TransitionSource:
     def score(self, history: sp.csr_matrix, segments: np.ndarray | None = None) -> np.ndarray:
         if not hasattr(self, "transition_"):
             raise NotFittedError("transitions is not fitted")
-        h = sp.csr_matrix(history, dtype=np.float32)
-        h.data[:] = 1.0
-        n_have = np.asarray(h.sum(axis=1)).ravel()
-        total = np.asarray(h @ self.transition_, dtype=np.float64)
+        h = as_csr32(history)
+        if not np.all(h.data == 1.0):
+            h = h.copy()
+            h.data[:] = 1.0
+        n_have = np.diff(h.indptr)
+        if h.shape[0] == 1:  # one customer (a request): rows summed in order, as scipy does
+            total = np.asarray(self.transition_[h.indices].sum(axis=0, dtype=np.float32), dtype=np.float64)[None, :]
+        else:
+            total = np.asarray(h @ self.transition_, dtype=np.float64)
         mean = total / np.maximum(n_have, 1)[:, None]
         return np.where(n_have[:, None] > 0, mean, self.prior_[None, :])
 

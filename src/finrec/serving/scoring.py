@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from finrec.candidates.base import one_row
 from finrec.candidates.source_set import SourceSet, ranks_among
 from finrec.errors import ArtifactError
 from finrec.features.online import Activity
@@ -139,8 +139,7 @@ class ServingModel:
         mine = self.positives[who.row].indices if who.row >= 0 else np.empty(0, np.int64)
         if who.live is not None and who.live.positives is not None and len(who.live.positives):
             mine = np.union1d(mine, who.live.positives)
-        history = sp.csr_matrix((np.ones(len(mine), np.float32), (np.zeros(len(mine), np.int64), mine)),
-                                shape=(1, n))  # fmt: skip
+        history = one_row(mine, n)
         if who.row >= 0:
             seg = None if self.segments is None else self.segments[who.row : who.row + 1]
         else:
