@@ -288,7 +288,7 @@ class TwoStageModel:
         n = len(users)
         if serve != "stack" and (serve in src or serve == "popularity" or self.retriever is None):
             scores = src.get(serve, np.broadcast_to(self.popularity_scores(builder), (n, builder.ds.n_products)))
-            top = _top_k(np.where(allowed, scores, -np.inf), k)
+            top = top_k(np.where(allowed, scores, -np.inf), k)
             s = np.where(top >= 0, np.take_along_axis(scores, np.maximum(top, 0), axis=1), np.nan)
             served = top >= 0
             if not with_features:
@@ -406,7 +406,7 @@ class TwoStageModel:
         )
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k best finite scores per row, best first (ties: lower row first); -1 pads."""
     k_eff = min(k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]

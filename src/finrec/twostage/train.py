@@ -48,7 +48,7 @@ from finrec.ranking.ranker import Ranker, RankerConfig
 from finrec.retrieval.two_tower import TwoTowerConfig, TwoTowerModel
 from finrec.rules.eligibility import ProductRules, SuitabilityPolicy
 from finrec.twostage.bundle import BundleConfig
-from finrec.twostage.model import PAIR_COLUMNS_EXTRA, TwoStageModel
+from finrec.twostage.model import PAIR_COLUMNS_EXTRA, TwoStageModel, top_k
 
 MIN_RETRIEVAL_PAIRS = 50
 MIN_RANKER_QUERIES = 20
@@ -255,7 +255,7 @@ def _tune_ndcg(tune: Tune, n_products: int, scores: np.ndarray) -> float:
 def _tune_per_user(tune: Tune, n_products: int, scores: np.ndarray) -> np.ndarray:
     """Per-customer NDCG@10 of ``scores`` on the tuning customers' answer."""
     _, rel, allowed, _ = tune
-    top = _top_k(np.where(allowed, scores, -np.inf), GUARD_K)
+    top = top_k(np.where(allowed, scores, -np.inf), GUARD_K)
     return np.asarray(evaluate_rankings(top, rel, n_products, k=GUARD_K, recall_ks=(GUARD_K,))[f"ndcg@{GUARD_K}"])
 
 
@@ -366,15 +366,6 @@ def _fit_sources(ds: Dataset, inter: Interactions, settings: FinrecSettings, rep
     return SourceSet(fitted, seg_column, seg_vocab)
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    k_eff = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
-    s = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -s), axis=1) if s.size else np.zeros_like(part)
-    top = np.take_along_axis(part, order, axis=1)
-    return np.where(np.isfinite(np.take_along_axis(s, order, axis=1)), top, -1)
-
-
 def _answer(users: np.ndarray, targets: pd.DataFrame) -> Relevance:
     q = pd.Index(users).get_indexer(targets["user"].to_numpy())
     m = q >= 0
@@ -391,12 +382,23 @@ def _split_customers(users: np.ndarray, max_ranker: int, seed: int) -> tuple[np.
 
 
 def _allowed_new(rules: ProductRules, model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot,
-                 users: np.ndarray) -> np.ndarray:  # fmt: skip
-    """Allowed products that are new to the customer: rules passed, not held, no positive before the cutoff."""
+                 users: np.ndarray, positives: Interactions | None = None) -> np.ndarray:  # fmt: skip
+    """Allowed products that are new to the customer: rules passed, not held, no positive before the cutoff.
+
+    ``positives``: the positives at the snapshot's cutoff when the caller has them (default: the model's).
+    """
     ok = allowed_mask(rules, snap, users, builder.ds.n_products)
-    had = model.positives(builder, snap).matrix[users]
+    had = (positives or model.positives(builder, snap)).matrix[users]
     ok[had.nonzero()] = False
     return ok
+
+
+def _use_sources(model: TwoStageModel, sources: SourceSet, base_columns: list[str], snap: Snapshot) -> None:
+    """Make fitted ``sources`` the model's (at ``snap``), their scores and ranks ranker columns; none: nothing."""
+    if sources.sources:
+        model.sources = sources
+        model.pair_columns = [*base_columns, *feature_names(sources.names)]
+        model.set_sources(snap, sources)
 
 
 def _guard(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, allowed: np.ndarray,
@@ -555,10 +557,7 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
             tune = (tune_users, _answer(tune_users, new), allowed_mask(rules, rank_snap, tune_users, ds.n_products),
                     inter)
         sources = _fit_sources(ds, inter, settings, report, tune)
-        if sources.sources:
-            model.sources = sources
-            model.pair_columns = [*base_columns, *feature_names(sources.names)]
-            model.set_sources(rank_snap, sources)
+        _use_sources(model, sources, base_columns, rank_snap)
     report.seconds["sources"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -698,18 +697,14 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
         tune_users = guard_users[:MAX_TUNE_CUSTOMERS]
         t_inter = Interactions.from_events(ds.events, ds.n_users, ds.n_products, grades, t.retrieval_min_grade,
                                            cutoff=plan.cutoff)  # fmt: skip
-        t_allowed = allowed_mask(rules, gsnap, tune_users, ds.n_products)
-        t_allowed[t_inter.matrix[tune_users].nonzero()] = False
+        t_allowed = _allowed_new(rules, model, builder, gsnap, tune_users, positives=t_inter)
         tune: Tune = (tune_users, _answer(tune_users, plan.targets), t_allowed, t_inter)
     else:
         tune_users = rank_users[:MAX_TUNE_CUSTOMERS]
         tune = (tune_users, _answer(tune_users, rank_targets), _allowed_new(rules, model, builder, snap, tune_users),
                 inter)
     sources = _fit_sources(ds, inter, settings, report, tune if len(tune_users) else None)
-    if sources.sources:
-        model.sources = sources
-        model.pair_columns = [*base_columns, *feature_names(sources.names)]
-        model.set_sources(snap, sources)
+    _use_sources(model, sources, base_columns, snap)
     report.seconds["sources"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
