@@ -137,7 +137,8 @@ class TrainSettings(_Section):
     serve: Literal["auto", "stack"] = Field(
         "auto",
         description="What the bundle serves. `auto`: the simplest of popularity, each source, the two-tower and the "
-        "stack whose validation NDCG@10 is within one standard error of the best (never worse than popularity). "
+        "stack whose validation NDCG@10 is within one standard error of the best (the two-tower and the stack count "
+        "as equally simple; never worse than popularity). "
         "`stack`: the ranker over every source's candidates, whatever validation says (the table is still kept).",
     )
     max_ease_products: int = Field(
@@ -149,13 +150,21 @@ class TrainSettings(_Section):
     n_candidates: int = Field(100, ge=1, le=5000, description="Candidates retrieved per customer for the ranker.")
     history_length: int = Field(20, ge=1, le=200, description="Recent products in the user tower's history.")
     retrieval_min_grade: int = Field(2, ge=1, description="Lowest grade that is a positive for retrieval.")
-    max_ranker_queries: int = Field(120_000, ge=100, description="Customers sampled to train the ranker.")
+    max_ranker_queries: int = Field(
+        120_000, ge=100, description="Customer-windows sampled to train the ranker (over every ranker window)."
+    )
     ranker_windows: int = Field(
-        2,
+        3,
         ge=1,
         le=6,
-        description="Without impressions, on temporal data: time windows the ranker learns from (each with features "
-        "at its own cutoff), the latest first, as far as the data has customers coming back.",
+        description="Time windows the ranker learns from on temporal data, the latest first, each with features at "
+        "its own cutoff (with impressions: what was shown in each; without: what customers newly took), as far as "
+        "the data has customers coming back; max_ranker_queries is the budget over all of them.",
+    )
+    refit_two_tower: bool = Field(
+        True,
+        description="With impressions: after validation, train the served two-tower again on windows that include "
+        "the latest one (the ranker's), for the epochs early stopping chose; false keeps the validated towers.",
     )
     max_retrieval_pairs: int = Field(
         400_000, ge=1_000, description="Positive pairs the two-tower learns from at most (a seeded sample above)."

@@ -130,6 +130,22 @@ def test_item_item_sources_complete_the_planted_sequence() -> None:
         assert int(np.argmax(s)) in (4, 5), src.name
 
 
+def test_an_absolute_ease_penalty_survives_refits_on_more_data(tmp_path: Path) -> None:
+    """Validated on part of the data, refitted on all of it: the prior's strength stays, as in ridge regression."""
+    small, _ = data(seed=1)
+    full, _ = data(seed=2)
+    relative = EASESource(l2=0.5)
+    assert relative.fit(small).penalty_ != pytest.approx(EASESource(l2=0.5).fit(full).penalty_)
+    kept = EASESource(l2=0.5, penalty=relative.penalty_)
+    assert kept.fit(full).penalty_ == relative.penalty_
+    sset = SourceSet([kept], None, None)
+    sset.save(tmp_path / "s")
+    again = SourceSet.load(tmp_path / "s").refit(full, None)
+    assert again.get("ease").penalty_ == relative.penalty_  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="penalty > 0"):
+        EASESource(penalty=0.0)
+
+
 def test_transitions_learn_what_customers_add_next() -> None:
     inter, _ = data()
     src = TransitionSource(shrinkage=5.0).fit(inter)

@@ -45,22 +45,28 @@ def gram(x: sp.csr_matrix) -> np.ndarray:
 
 
 class EASESource:
-    """EASE; ``l2`` is the penalty *per unit of the mean product count* (the mean diagonal of ``X^T X``), so a
-    refit on more or less data keeps the same strength of regularisation."""
+    """EASE (Steck 2019). ``l2`` is the penalty *per unit of the mean product count* (the mean diagonal of
+    ``X^T X``), the scale-free form a penalty is searched in; ``penalty``, when given, is the absolute one.
+
+    Training searches ``l2`` on its tuning data and keeps the *absolute* penalty it amounts to there: as in
+    ridge regression, the penalty is the prior's strength, the same whatever the number of rows, so a refit on
+    more data (every event, after validation on part of them) regularises a little less, as it should.
+    """
 
     kind = "ease"
 
-    def __init__(self, l2: float = 1.0) -> None:
-        if not l2 > 0:
-            raise ValueError(f"EASE needs l2 > 0, got {l2}")
+    def __init__(self, l2: float = 1.0, penalty: float | None = None) -> None:
+        if not l2 > 0 or (penalty is not None and not penalty > 0):
+            raise ValueError(f"EASE needs l2 > 0 and penalty > 0 when given, got l2={l2}, penalty={penalty}")
         self.l2 = float(l2)
+        self.penalty = None if penalty is None else float(penalty)
 
     @property
     def name(self) -> str:
         return "ease"
 
     def get_params(self) -> dict[str, Any]:
-        return {"l2": self.l2}
+        return {"l2": self.l2, "penalty": self.penalty}
 
     def fit(self, data: Interactions, segments: np.ndarray | None = None, g: np.ndarray | None = None) -> Self:
         n = data.n_products
@@ -68,7 +74,10 @@ class EASESource:
             raise ValueError(f"EASE over {n} products needs a {n}x{n} inverse; use item_knn above "
                              f"{MAX_EASE_PRODUCTS} products")  # fmt: skip
         g = gram(data.matrix) if g is None else g.copy()
-        self.penalty_ = self.l2 * (float(np.mean(np.diag(g))) or 1.0) if n else self.l2
+        if self.penalty is not None:
+            self.penalty_ = self.penalty
+        else:
+            self.penalty_ = self.l2 * (float(np.mean(np.diag(g))) or 1.0) if n else self.l2
         g[np.diag_indices(n)] += self.penalty_
         try:
             p = scipy.linalg.inv(g, overwrite_a=True, check_finite=False)
@@ -95,7 +104,7 @@ class EASESource:
     @classmethod
     def load(cls, directory: Path) -> EASESource:
         _, params, _, arrays = load_arrays(directory)
-        check_params(cls, params, {"l2"})
+        check_params(cls, params, {"l2", "penalty"})
         src = cls(**params)
         src.weights_ = arrays["weights"].astype(np.float32)
         return src

@@ -25,14 +25,17 @@ from finrec.ranking.attribution import PathAttribution
 
 @dataclass
 class RankerConfig:
-    num_leaves: int = 31
+    # Small, heavily populated leaves and patient early stopping: funnel labels are sparse and noisy (a few
+    # percent of shown rows are clicked). Measured on the default world at 20k and 200k customers against
+    # 31 leaves / 20 rows / patience 50: +0.004 and +0.002 NDCG@10 on the held-out window (docs/benchmarks.md).
+    num_leaves: int = 7
     learning_rate: float = 0.05
-    n_estimators: int = 600
-    min_child_samples: int = 20
+    n_estimators: int = 1000
+    min_child_samples: int = 100
     feature_fraction: float = 0.8
     bagging_fraction: float = 0.8
     lambda_l2: float = 1.0
-    early_stopping_rounds: int = 50
+    early_stopping_rounds: int = 100
     eval_at: int = 10
     validation_fraction: float = 0.15
     seed: int = 0

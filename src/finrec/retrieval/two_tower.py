@@ -195,11 +195,11 @@ def _history(name: str, arr: Any, n_rows: int, n_items: int) -> np.ndarray:
     return h
 
 
-def _pairs(name: str, arr: Any, n_users: int, n_items: int) -> np.ndarray:
+def _pairs(name: str, arr: Any, n_users: int, n_items: int, allow_empty: bool = False) -> np.ndarray:
     p = _int_array(name, arr, 2)
     if p.shape[1] != 2:
         raise ValueError(f"{name} must have shape (n, 2) of (user_row, item_row), got {p.shape}")
-    if p.shape[0] == 0:
+    if p.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty")
     _check_range(f"{name}[:, 0]", p[:, 0], 0, n_users, f"user rows, {n_users} users")
     _check_range(f"{name}[:, 1]", p[:, 1], 0, n_items, f"item rows, {n_items} items")
@@ -329,7 +329,11 @@ class TwoTowerModel:
         weights: np.ndarray | None = None,
         progress: bool = False,
     ) -> TwoTowerModel:
-        """Train on ``pairs`` and early-stop on validation recall@``recall_k`` over ``val_pairs``."""
+        """Train on ``pairs`` and early-stop on validation recall@``recall_k`` over ``val_pairs``.
+
+        With no ``val_pairs`` (a refit after validation chose the epochs), ``max_epochs`` epochs run and the
+        last one is kept.
+        """
         cfg = self.config
         ux = _float_matrix("user_x", user_x)
         ix = _float_matrix("item_x", item_x)
@@ -343,7 +347,7 @@ class TwoTowerModel:
             raise ValueError(f"item_ids must be id-table rows >= 0, or -1 for unknown items; got {int(ids.min())}")
         hist = _history("history", history, n_users, n_items)
         train = _pairs("pairs", pairs, n_users, n_items)
-        val = _pairs("val_pairs", val_pairs, n_users, n_items)
+        val = _pairs("val_pairs", val_pairs, n_users, n_items, allow_empty=True)
         w = np.ones(len(train), dtype=np.float32) if weights is None else _weights(weights, len(train))
         w = w / w.mean()
 
@@ -402,7 +406,7 @@ class TwoTowerModel:
                 loss.backward()
                 optimiser.step()
                 total_loss += float(loss.detach()) * len(idx)
-            recall = self._validation_recall(data, val)
+            recall = self._validation_recall(data, val) if len(val) else math.nan
             record = {
                 "epoch": epoch,
                 "loss": total_loss / len(train),
@@ -411,6 +415,9 @@ class TwoTowerModel:
             }
             self.history_.append(record)
             epochs.set_postfix(loss=f"{record['loss']:.4f}", recall=f"{recall:.4f}")
+            if not len(val):  # a refit with a fixed number of epochs: the last one is kept
+                best_epoch = epoch
+                continue
             if recall > best_recall:
                 best_recall, best_epoch, stale = recall, epoch, 0
                 best_state = copy.deepcopy(net.state_dict())
@@ -419,7 +426,8 @@ class TwoTowerModel:
                 if stale >= cfg.patience:
                     break
         epochs.close()
-        net.load_state_dict(best_state)
+        if len(val):
+            net.load_state_dict(best_state)
         net.eval()
         self.best_epoch_ = best_epoch
         self.best_val_recall_ = best_recall

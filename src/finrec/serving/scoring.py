@@ -29,7 +29,7 @@ from finrec.features.online import Activity
 from finrec.retrieval.index import make_index
 from finrec.serving.online import LiveCustomer, overlay
 from finrec.serving.state import ServingData
-from finrec.twostage.model import TwoStageModel
+from finrec.twostage.model import TwoStageModel, merge_candidates, score_candidates, top_k
 
 _EMBED_BLOCK = 50_000
 
@@ -166,28 +166,26 @@ class ServingModel:
         src = self._source_scores(who)
         single = self.serve != "stack" and (self.serve in src or self.serve == "popularity"
                                             or self.index is None)  # fmt: skip
+        per_source = self.model.source_candidates(self.n_candidates)
         if single or self.serve == "two_tower":
             if self.serve == "two_tower" and self.index is not None:
                 order_by = self._retrieval_scores(who)
             else:
                 order_by = src[self.serve][0] if self.serve in src else np.asarray(self.popularity, np.float64)
             masked = np.where(allowed, order_by, -np.inf)
-            items = np.argsort(-masked, kind="stable")[:k]
-            items = items[np.isfinite(masked[items])]
+            items = top_k(masked[None, :], k)[0]
+            items = items[items >= 0]
             final = masked[items]
         elif self.index is not None and who.embedding is not None:
             s, i = self.index.search(who.embedding[None, :], n_cand, exclude=~allowed[None, :])
             i = i[0].astype(np.int64)
-            i = i[(i >= 0) & np.isfinite(s[0])]
-            per = self.model.source_candidates(self.n_candidates)
-            items = np.union1d(SourceSet.candidates(src, allowed[None, :], per)[0], i) if src else i
+            items = merge_candidates(src, allowed[None, :], per_source, [i[(i >= 0) & np.isfinite(s[0])]])[0]
         else:
-            if src:
-                items = SourceSet.candidates(src, allowed[None, :], self.model.source_candidates(self.n_candidates))[0]
-            else:  # popularity retrieval (the bundle's fallback)
-                pop = np.where(allowed, self.popularity, -np.inf)
-                items = np.argsort(-pop, kind="stable")[:n_cand]
-                items = items[np.isfinite(pop[items])]
+            retrieved = None
+            if not src:  # popularity retrieval (the bundle's fallback)
+                top = top_k(np.where(allowed, self.popularity, -np.inf)[None, :], n_cand)[0]
+                retrieved = [top[top >= 0]]
+            items = merge_candidates(src, allowed[None, :], per_source, retrieved)[0]
         t1 = time.perf_counter()
         n = len(items)
         X = np.empty((n, len(self.names)), dtype=np.float32)
@@ -206,23 +204,17 @@ class ServingModel:
                 pairs[:, j] = extra[c]
         X[:, self.n_user + self.product_tab.shape[1] :] = pairs
         t2 = time.perf_counter()
-        odds = np.full(n, np.nan)
         if self.model.approval is not None and self.odds_col >= 0 and n:
-            odds = self.model.approval.predict_proba(X[:, self.approval_cols])
-            X[:, self.odds_col] = odds
+            X[:, self.odds_col] = self.model.approval.predict_proba(X[:, self.approval_cols])
         t3 = time.perf_counter()
         leaves = None
         if single or self.serve == "two_tower":
             order = np.arange(n)  # already in the serving source's order
-            score = final
+            odds = X[:, self.odds_col].astype(np.float64) if self.odds_col >= 0 else np.full(n, np.nan)
         else:
-            if self.model.ranker is not None and n:
-                # One pass over the trees gives the scores and, for the items kept, their contributions (reasons).
-                score, leaves = self.model.ranker.predict_with_leaves(X)
-            else:
-                score = -ret_rank[items].astype(np.float64)
-            # Likely declines go below every other candidate (a decline costs a hard credit inquiry).
-            final = np.where(np.nan_to_num(odds, nan=1.0) < self.demote_below, score - 1e6, score)
+            # The ranking core batch scoring uses; one pass over the trees also gives the leaves (the reasons).
+            _, final, odds, leaves = score_candidates(self.model.ranker if n else None, X, self.names,
+                                                      self.demote_below, with_leaves=True)  # fmt: skip
             order = np.argsort(-final, kind="stable")[:k]
         t4 = time.perf_counter()
         timings = {"retrieval": t1 - t0, "features": t2 - t1, "approval": t3 - t2, "ranker": t4 - t3}

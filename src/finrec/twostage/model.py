@@ -306,13 +306,8 @@ class TwoStageModel:
             q = np.repeat(np.arange(n), top.shape[1])[served.ravel()]
             X, _ = self.pair_rows(builder, snap, users, allowed, history, q, top[served], src)
             return Recommendations(top, s, np.full(top.shape, np.nan), ret_i, X, s[served])
-        if src and self.retriever is not None:
-            merged = SourceSet.candidates(src, allowed, self.source_candidates(n_candidates))
-            cand_rows = [np.union1d(m, r[r >= 0]) for m, r in zip(merged, ret_i, strict=True)]
-        elif src:
-            cand_rows = SourceSet.candidates(src, allowed, self.source_candidates(n_candidates))
-        else:
-            cand_rows = [r[r >= 0] for r in ret_i]
+        cand_rows = merge_candidates(src, allowed, self.source_candidates(n_candidates),
+                                     [r[r >= 0] for r in ret_i] if self.retriever is not None or not src else None)
         width = max([len(r) for r in cand_rows] + [k, 1])
         cand = np.full((n, width), -1, dtype=np.int64)
         for j, r in enumerate(cand_rows):
@@ -326,13 +321,7 @@ class TwoStageModel:
         X = np.zeros((0, 0))
         if len(q):
             X, names = self.pair_rows(builder, snap, users, allowed, history, q, qi, src)
-            score = self.ranker.predict(X) if self.ranker is not None else -X[:, names.index("retrieval_rank")]
-            raw[valid] = score
-            if "approval_odds" in names:
-                odds[valid] = X[:, names.index("approval_odds")]
-            # Demote likely declines below every other candidate, keeping their relative order.
-            low = np.nan_to_num(odds[valid], nan=1.0) < demote_below
-            final[valid] = np.where(low, score - 1e6, score)
+            raw[valid], final[valid], odds[valid], _ = score_candidates(self.ranker, X, names, demote_below)
         order = np.argsort(-final, axis=1, kind="stable")[:, :k]
         items = np.take_along_axis(cand, order, axis=1)
         scores = np.take_along_axis(final, order, axis=1)
@@ -404,6 +393,44 @@ class TwoStageModel:
             sources=SourceSet.load(directory / "sources") if stages.get("sources") else None,
             serve=str(meta.get("serve", "stack")),
         )
+
+
+# -- the ranking core: what batch scoring, evaluation, training's guard and the API all call -------------------
+def merge_candidates(src: dict[str, np.ndarray], allowed: np.ndarray, per_source: int,
+                     retrieved: list[np.ndarray] | None) -> list[np.ndarray]:  # fmt: skip
+    """Each customer row's candidates: every source's ``per_source`` best allowed products, with the retriever's.
+
+    ``retrieved`` (valid product rows per customer, or None without a retriever) alone when there is no source.
+    """
+    if not src:
+        return list(retrieved) if retrieved is not None else [np.empty(0, np.int64) for _ in range(len(allowed))]
+    merged = SourceSet.candidates(src, allowed, per_source)
+    if retrieved is None:
+        return merged
+    return [np.union1d(m, r) for m, r in zip(merged, retrieved, strict=True)]
+
+
+def score_candidates(
+    ranker: Ranker | None, X: np.ndarray, names: list[str], demote_below: float, with_leaves: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(raw score, final score, approval odds, leaves) of candidate rows ``X`` (columns ``names``).
+
+    The ranker's score (the retrieval rank's opposite without a ranker); likely declines (approval odds below
+    ``demote_below``) go below every other candidate, keeping their relative order: a decline costs the customer
+    a hard credit inquiry. ``with_leaves`` also returns each row's ranker leaves (the API's reasons).
+    """
+    leaves = None
+    if ranker is None:
+        raw = -X[:, names.index("retrieval_rank")].astype(np.float64)
+    elif with_leaves:
+        raw, leaves = ranker.predict_with_leaves(X)
+    else:
+        raw = ranker.predict(X)
+    odds = np.full(len(X), np.nan)
+    if "approval_odds" in names:
+        odds = X[:, names.index("approval_odds")].astype(np.float64)
+    final = np.where(np.nan_to_num(odds, nan=1.0) < demote_below, raw - 1e6, raw)
+    return raw, final, odds, leaves
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
