@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from finrec.cli._common import err, out
 from finrec.cli._common import is_store_error as _is_store_error
@@ -29,7 +30,19 @@ from finrec.cli._common import settings_of as _settings
 from finrec.config import load_settings, resolve_config_file
 from finrec.errors import DataValidationError, FinrecError
 
+#: `finrec --help` lists the commands in the order a user meets them, whatever order they are defined in.
+COMMAND_ORDER = ("generate", "validate", "train", "evaluate", "recommend", "serve", "monitor", "registry",
+                 "experiment", "retrain", "simulate", "scheduler", "audit", "keygen", "config", "demo")  # fmt: skip
+
+
+class _InOrder(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:  # typer's own (vendored) click.Context
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
 app = typer.Typer(
+    cls=_InOrder,
     name="finrec",
     help="Recommendation engine for financial products: synthetic world, data validation, "
     "two-stage model and a guarded real-time API.",
@@ -43,10 +56,12 @@ app.add_typer(config_app, name="config")
 from finrec.cli.experiment import experiment_app  # noqa: E402
 from finrec.cli.registry import registry_app  # noqa: E402
 from finrec.cli.retrain import retrain  # noqa: E402
+from finrec.cli.scheduler import scheduler_app  # noqa: E402
 from finrec.cli.simulate import simulate  # noqa: E402
 
 app.add_typer(registry_app, name="registry")
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(scheduler_app, name="scheduler")
 app.command()(retrain)
 app.command()(simulate)
 
@@ -564,11 +579,17 @@ def monitor(
         typer.Option(help="The service's audit log; its key audit.key sits next to it (or serve.audit_key_file). "
                      "Default: serve.audit_log, else <workspace>/audit/audit.jsonl."),
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Read both stores whole instead of the monitoring roll-up (the workspace's "
+                     "monitoring/rollup.db, brought up to date first): slower, grows with history; for a check."),
+    ] = False,
 ) -> None:
     """Monitoring report of the live service: conversion, guardrail health, fairness, drift and alerts.
 
-    Reads the event store and the audit log of a service (`finrec serve`), joins events to the answers they
-    came from, and writes OUTPUT/index.html (self-contained: plots inline) and OUTPUT/monitor.json. The same
+    Folds what is new in the event store and the audit log of a service (`finrec serve`) into the monitoring
+    roll-up (events joined to the answers they came from), then writes OUTPUT/index.html (self-contained:
+    plots inline) and OUTPUT/monitor.json from its aggregates, with the scheduled jobs' latest runs. The same
     page is served live at /dashboard. See docs/monitoring.md.
     """
     from finrec.monitoring.report import build_monitor_report, optional_drift, render_html, stored_alerts
@@ -593,7 +614,8 @@ def monitor(
     drift = optional_drift(model_dir, data_dir, settings)
     alerts, alerts_note = stored_alerts(settings)
     try:
-        report = build_monitor_report(store, audit_path, key, dataset, settings, drift, alerts)
+        report = (build_monitor_report(store, audit_path, key, dataset, settings, drift, alerts) if full
+                  else _rollup_report(settings, store, audit_path, key, dataset, drift, alerts))  # fmt: skip
     except Exception as exc:
         if isinstance(exc, FinrecError) or not _is_store_error(exc):
             raise
@@ -608,6 +630,32 @@ def monitor(
     (output / "index.html").write_text(render_html(report), encoding="utf-8")
     _print_monitor_summary(report)
     out.print(f"[green]wrote[/] {output / 'index.html'} and {output / 'monitor.json'}")
+
+
+def _rollup_report(settings: Any, store: Any, audit_path: Path, key: bytes, dataset: Any, drift: dict[str, Any],
+                   alerts: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The report from the workspace's roll-up, folding in what is new when no scheduler is folding it now."""
+    from finrec.jobs.history import read_history
+    from finrec.jobs.locks import open_job_lock, wait_free
+    from finrec.monitoring.report import build_rollup_report
+    from finrec.monitoring.rollup import MonitoringRollup, rollup_path
+
+    s = settings.schedule
+    lock = open_job_lock(s.lock, settings.workspace, settings.serve.event_store, s.lock_seconds)
+    rollup = MonitoringRollup(rollup_path(settings.workspace), key,
+                              retention_seconds=settings.serve.request_id_max_age_days * 86_400)  # fmt: skip
+    try:
+        lease, update = wait_free(lock, "rollup", timeout=120), None
+        if lease is not None:
+            with lease:
+                update = rollup.update(store, audit_path)
+        else:
+            err.print("[yellow]warning[/]: another runner is folding the roll-up; the report may miss the newest "
+                      "records")  # fmt: skip
+        return build_rollup_report(rollup, dataset, settings, drift, alerts, read_history(settings.workspace),
+                                   update)  # fmt: skip
+    finally:
+        rollup.close()
 
 
 def _trained_on(model_dir: Path | None) -> Path | None:
@@ -655,7 +703,7 @@ def keygen(
                                        "recommend.")
     ] = None,
 ) -> None:
-    """Make a random API key: prints the key (give it to the caller) and the [[auth.keys]] table with its SHA-256
+    """Make a random API key: prints the key (give it to the caller) and the \\[\\[auth.keys]] table with its SHA-256
     (put that in the settings file; the key itself never goes there)."""
     from finrec.config import SCOPES
     from finrec.serving.auth import hash_key, new_key
