@@ -180,7 +180,7 @@ def test_a_job_runs_once_per_due_time_and_every_run_is_recorded(
     assert len(calls) == 1 and sorted(results).count("ok") == 1
     assert set(results) <= {"ok", "busy", "not_due"}
     (run,) = history.runs("rollup")
-    assert run.outcome == "ok" and run.trigger == "every 60 min (first run)" and run.summary["message"] == \
+    assert run.outcome == "ok" and run.trigger == "every 1 h (first run)" and run.summary["message"] == \
         "folded in 3 events" and run.ended_at is not None and run.ended_at >= run.started_at  # fmt: skip
     forced = run_job("rollup", s, lock, history, Alerter(s), force=True)
     assert forced.status == "ok" and forced.trigger == "by hand" and len(calls) == 2

@@ -65,6 +65,18 @@ def _iso_ts(text: Any) -> float | None:
         return None
 
 
+def span(seconds: float) -> str:
+    """A duration as people write it: ``20 s``, ``5 min``, ``6 h``, ``1.5 d``.
+
+    >>> span(20), span(300), span(6 * 3600), span(36 * 3600)
+    ('20 s', '5 min', '6 h', '1.5 d')
+    """
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
 def _every(interval: float, last: float | None, now: float, what: str) -> str | None:
     if last is None:
         return f"{what} (first run)"
@@ -88,17 +100,17 @@ def due(job: str, settings: FinrecSettings, last_start: float | None, now: float
     now = time.time() if now is None else now
     if job == "rollup":
         m = s.rollup_every_minutes
-        return None if m is None else _every(m * 60, last_start, now, f"every {m:g} min")
+        return None if m is None else _every(m * 60, last_start, now, f"every {span(m * 60)}")
     if job == "drift-check":
         h = s.drift_check_every_hours
-        return None if h is None else _every(h * 3600, last_start, now, f"every {h:g} h")
+        return None if h is None else _every(h * 3600, last_start, now, f"every {span(h * 3600)}")
     if job != "retrain":
         raise ValueError(f"unknown job {job!r}")
     trained = last_training(settings, last_start)
     if trained is None:
         return None  # nothing registered: nothing to retrain from
     if s.retrain_every_days is not None and now - trained >= s.retrain_every_days * 86_400:
-        return f"every {s.retrain_every_days:g} d"
+        return f"every {span(s.retrain_every_days * 86_400)}"
     if s.retrain_on_drift:
         from finrec.monitoring.alerts import alerts_path, read_alerts
 
