@@ -31,8 +31,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,redis]'
 	touch $(STAMP)
 
-## Main job on embedded defaults: synthetic world, validation, training, evaluation (the API when it lands).
-demo: $(STAMP)
+# The demo needs the package alone (no test tools, no Redis client): a newcomer's first answer comes sooner.
+DEMO_STAMP := $(VENV)/.installed-demo
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(DEMO_STAMP)
+
+## Main job on embedded defaults: synthetic world, validation, training, then the API (evaluation beside it).
+demo: $(DEMO_STAMP)
 	$(BIN)/finrec demo
 
 ## The whole test suite, slow and integration tests included (what CI runs).

@@ -237,3 +237,44 @@ def test_drift_conversion_and_alerts_firing_are_exported(tmp_path: Path) -> None
     assert 'finrec_conversion_rate{arm="A",model_version="v1",rate="click"} 0.25' in text
     assert 'finrec_conversion_impressions{arm="A",model_version="v1"} 200.0' in text
     assert 'finrec_alert_firing{kind="drift"} 1.0' in text and 'finrec_alert_firing{kind="fairness"} 0.0' in text
+
+
+# -- the roll-up job end to end on a workspace ---------------------------------------------------------------
+
+
+def test_rollup_job_alerts_on_empty_answers_and_clears_with_hysteresis(tmp_path: Path, receiver: Any) -> None:
+    from finrec.events.schema import Event
+    from finrec.events.store import open_event_store
+    from finrec.jobs.tasks import rollup
+    from finrec.monitoring.exported import read_section
+    from finrec.serving.audit import load_or_create_key, pseudonymise, pseudonymise_request
+
+    r = receiver()
+    s = settings(tmp_path, alerts={"webhook_url": r.url, "health_min_answers": 10, "empty_answer_rate": 0.2})
+    audit = s.workspace / "audit" / "audit.jsonl"
+    key = load_or_create_key(audit.with_name("audit.key"))
+    store = open_event_store(f"sqlite:///{s.workspace / 'events.db'}")
+    t0 = 1_760_000_000
+
+    def serve(n: int, empty_every: int, start: int) -> None:
+        with open(audit, "a") as f:
+            for i in range(start, start + n):
+                items = [] if i % empty_every == 0 else [{"product_id": "P1", "rank": 1}]
+                f.write(json.dumps({"request": pseudonymise_request(f"r{i}", key), "ts": t0 + i, "served_at": t0 + i,
+                                    "model_version": "v1", "kind": "customer", "customer": pseudonymise("c7", key),
+                                    "items": items}) + "\n")  # fmt: skip
+        store.append([Event(f"e{i}", "c7", "P1", "impression", t0 + i, request_id=f"r{i}")
+                      for i in range(start, start + n)])
+
+    serve(40, 2, 0)  # half the answers empty
+    first = rollup(s, Alerter(s))
+    assert first.outcome == "alert" and first.summary["health"]["empty_rate"] == 0.5
+    serve(60, 1_000_000, 40)  # none empty: 20 of 100 = 20%, not over the threshold, but firing clears under 16%
+    assert rollup(s, Alerter(s)).outcome == "alert"
+    serve(100, 1_000_000, 100)  # none empty: 20 of 200 = 10%
+    assert rollup(s, Alerter(s)).outcome == "ok"
+    assert [(a["kind"], a["status"]) for a in r.received] == [("guardrail_health", "firing"),
+                                                               ("guardrail_health", "resolved")]
+    assert "c7" not in json.dumps(r.received)
+    totals = read_section(s.workspace, "conversion")["totals"]
+    assert totals[0]["model_version"] == "v1" and totals[0]["impressions"] == 200  # attributed via the audit log

@@ -10,7 +10,8 @@ for what an operator must fix; the runner (:mod:`finrec.jobs.scheduler`) records
   promotes a challenger that passes). A refused challenger or a failed retrain notifies ``retrain``.
 * ``rollup``: folds the new events and audit records into the monitoring roll-up, exports conversion per
   model version and arm, and judges guardrail health (empty answers over ``alerts.empty_answer_rate`` in
-  the last ``alerts.health_window_hours``) and fairness (any flagged comparison).
+  the last ``alerts.health_window_hours``; once firing, it clears under 80% of the threshold) and fairness
+  (any flagged comparison).
 
 Summaries and alerts hold aggregates, versions and paths, never a customer id or attribute.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from finrec.config import FinrecSettings
 from finrec.errors import FinrecError
-from finrec.monitoring.notify import Alerter
+from finrec.monitoring.notify import Alerter, read_state
 
 JOBS = ("rollup", "drift-check", "retrain")
 
@@ -208,7 +209,11 @@ def rollup(settings: FinrecSettings, alerter: Alerter) -> JobOutcome:
         answers, empty = recent.answers, recent.empty
         rate = empty / answers if answers else None
         judged = answers >= a.health_min_answers
-        firing = bool(judged and rate is not None and rate > a.empty_answer_rate)
+        # Hysteresis: once firing, it clears only under 80% of the threshold, so a rate hovering at the threshold
+        # does not send "firing" and "resolved" every few minutes.
+        was = bool(read_state(settings.workspace).get("guardrail_health", {}).get("firing"))
+        bar = a.empty_answer_rate * (0.8 if was else 1.0)
+        firing = bool(judged and rate is not None and rate > bar)
         summary["health"] = {"recent_answers": answers, "empty": empty, "empty_rate": rate, "judged": judged}
         deliveries = alerter.condition(
             "guardrail_health", firing,
