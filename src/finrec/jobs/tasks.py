@@ -144,15 +144,16 @@ def retrain(settings: FinrecSettings, alerter: Alerter) -> JobOutcome:
 # -- rollup --------------------------------------------------------------------------------------------------
 
 
-def open_rollup(settings: FinrecSettings, memory: bool = False) -> Any:
-    """The workspace's roll-up with the service's audit key (None when the service has not written one yet)."""
-    from finrec.monitoring.rollup import MonitoringRollup, rollup_path
+def open_rollup(settings: FinrecSettings) -> Any:
+    """The workspace's roll-up of the service's stores, with its audit key (None before the service made one)."""
+    from finrec.monitoring.rollup import MonitoringRollup, rollup_path, sources_of
     from finrec.serving.audit import load_or_create_key
 
-    _, key_path = settings.serve.audit_paths(settings.workspace)
+    audit_path, key_path = settings.serve.audit_paths(settings.workspace)
     key = load_or_create_key(key_path) if key_path.is_file() else None  # only read: it exists
     days = settings.serve.request_id_max_age_days
-    return MonitoringRollup(None if memory else rollup_path(settings.workspace), key, retention_seconds=days * 86_400)
+    sources = sources_of(settings.serve.event_store_url(settings.workspace), audit_path)
+    return MonitoringRollup(rollup_path(settings.workspace), key, retention_seconds=days * 86_400, sources=sources)
 
 
 def read_users(data_dir: Path, attributes: list[str]) -> Any:

@@ -72,6 +72,11 @@ def rollup_path(workspace: Path) -> Path:
     return Path(workspace) / "monitoring" / "rollup.db"
 
 
+def sources_of(event_store_url: str, audit_path: Path | None) -> str:
+    """The identity of the stores a roll-up folds (see :class:`MonitoringRollup`)."""
+    return f"{event_store_url.strip()}|{'' if audit_path is None else Path(audit_path).resolve()}"
+
+
 def _hour(ts: float) -> int:
     t = int(ts)
     return t - t % HOUR
@@ -105,10 +110,13 @@ class MonitoringRollup:
         by the customer's pseudonym. Without it fairness and attribution through the audit log are off.
     retention_seconds, grace_seconds
         See the module docstring.
+    sources
+        What the roll-up is of (:func:`sources_of`: the event store's URL and the audit log's path): a roll-up of
+        other stores starts again from their beginning rather than continue at a position that is not theirs.
     """
 
     def __init__(self, path: Path | None, key: bytes | None, retention_seconds: float = 30 * 86_400,
-                 grace_seconds: float = 300.0) -> None:  # fmt: skip
+                 grace_seconds: float = 300.0, sources: str = "") -> None:  # fmt: skip
         self.path = path
         self.key = key
         self.retention = float(retention_seconds)
@@ -124,14 +132,15 @@ class MonitoringRollup:
             self._db = open_wal_database(Path(path), "monitoring roll-up", _SCHEMA,
                                          ["SELECT name FROM meta LIMIT 0"])  # fmt: skip
         fingerprint = "none" if key is None else hashlib.sha256(b"finrec-rollup" + key).hexdigest()[:16]
+        of = hashlib.sha256(sources.encode()).hexdigest()[:16]  # a Redis URL may hold a password: never stored
         meta = self._meta()
-        if meta and (meta.get("layout") != str(LAYOUT) or meta.get("key") != fingerprint):
+        if meta and (meta.get("layout") != str(LAYOUT) or meta.get("key") != fingerprint or meta.get("of") != of):
             with self._tx():
                 for t in _TABLES:
                     self._db.execute(f"DELETE FROM {t}")
         with self._tx():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                 [("layout", str(LAYOUT)), ("key", fingerprint)])  # fmt: skip
+                                 [("layout", str(LAYOUT)), ("key", fingerprint), ("of", of)])  # fmt: skip
 
     # -- plumbing ------------------------------------------------------------------------------------------
 

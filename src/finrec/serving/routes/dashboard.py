@@ -27,7 +27,7 @@ from finrec.jobs.history import read_history
 from finrec.monitoring.exported import write_section
 from finrec.monitoring.fairness import suppress_small_groups
 from finrec.monitoring.report import build_rollup_report, render_html, stored_alerts
-from finrec.monitoring.rollup import MonitoringRollup, rollup_path
+from finrec.monitoring.rollup import MonitoringRollup, rollup_path, sources_of
 from finrec.serving.paths import scrub_value
 from finrec.serving.routes.deps import MonitorCaller, MonitorPageCaller, ServiceDep
 from finrec.serving.service import Service
@@ -71,8 +71,9 @@ def _fold(service: Service, entry: _Cached) -> tuple[MonitoringRollup, dict[str,
     memory = settings.serve.event_store_url(settings.workspace).startswith("memory://")
     if entry.rollup is None:
         days = settings.serve.request_id_max_age_days
+        sources = sources_of(settings.serve.event_store_url(settings.workspace), service.audit_path)
         entry.rollup = MonitoringRollup(None if memory else rollup_path(settings.workspace), service.audit_key,
-                                        retention_seconds=days * 86_400)  # fmt: skip
+                                        retention_seconds=days * 86_400, sources=sources)  # fmt: skip
     if memory:  # the store lives in this process: so does its roll-up, and nobody else folds it
         return entry.rollup, entry.rollup.update(service.recommender.events, service.audit_path)
     if entry.job_lock is None:
