@@ -499,7 +499,7 @@ def _with_keys(settings: Any, no_auth: bool) -> Any:
     key = ensure_dev_key(path)
     dev = KeySettings(name="dev", scopes=list(SCOPES), sha256=hash_key(key), rate_per_second=None)
     url = f"http://{srv.host}:{srv.port}"
-    out.print(f"[bold yellow]development key[/] (every scope; kept in {path}; configure [[auth.keys]] for real "
+    out.print(f"[bold yellow]development key[/] (every scope; kept in {path}; configure \\[\\[auth.keys]] for real "
               f"use):\n  {key}\n  try: curl -H 'X-API-Key: {key}' '{url}/recommend/1?k=5'")  # fmt: skip
     return settings.model_copy(update={"auth": settings.auth.model_copy(update={"keys": [dev]})})
 
@@ -734,18 +734,24 @@ def demo(
     serve_api: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Serve the API at the end (until Ctrl-C).")
     ] = True,
+    quick_start: Annotated[
+        bool, typer.Option("--quick-start/--no-quick-start", help="Answer within a minute of the data: serve a "
+                           "popularity model (same guardrails and reasons) from the workspace's registry while the "
+                           "two-stage model trains beside the API, then promote it (the service switches without a "
+                           "restart) and evaluate it. --no-quick-start: serve once the two-stage model is trained.")
+    ] = True,
     evaluate_first: Annotated[
-        bool, typer.Option("--evaluate-first", help="Run the offline evaluation before serving. Default: serve as "
-                           "soon as the model is trained and evaluate beside the running API (the first answer "
-                           "comes a minute or more sooner).")
+        bool, typer.Option("--evaluate-first", help="Train, run the offline evaluation, then serve (the order before "
+                           "quick start; the first answer comes minutes later).")
     ] = False,
 ) -> None:
     """Run the main job on embedded defaults: synthetic world, validation, training, the API, evaluation.
 
     Writes the world, the model bundle and the evaluation report (JSON and HTML) under the workspace and
-    serves the API on http://127.0.0.1:8000 (Swagger UI at /docs) until Ctrl-C: as soon as the model is
-    trained; the offline evaluation then runs beside it in a process of lower priority and says when its
-    report is written (--evaluate-first: before serving; --no-serve: evaluate, then stop).
+    serves the API on http://127.0.0.1:8000 (Swagger UI at /docs) until Ctrl-C. By default the API answers
+    as soon as a popularity model is trained (about a minute); the two-stage model trains beside it, takes
+    over when ready (promoted in <workspace>/registry; the demo says when), and is then evaluated in a
+    process of lower priority. --no-serve: train, evaluate, stop.
     """
     from finrec.artifacts import read_manifest
     from finrec.data.synthetic.generate import WorldConfig, generate_world
@@ -776,10 +782,35 @@ def demo(
         _print_counts(summary.counts, f"Generated {data} in {summary.seconds:.1f} s")
     out.rule("[bold]2. validation")
     _validate_or_exit(ctx, data, quiet=True)
+    model_dir, report = ws / "model", ws / "report.json"
+    srv = settings.serve
+    url = f"http://{srv.host}:{srv.port}"
+    if serve_api and quick_start and not evaluate_first:
+        # The first answer comes from a popularity model (a minute to train; the same guardrails and reasons), served
+        # from the registry; the two-stage model trains beside the API and is promoted when ready: the service
+        # follows the registry's champion without a restart.
+        from finrec.cli._beside import TrainBeside, serve_stand_in
+
+        out.rule("[bold]3. a popularity model to answer now; the two-stage model trains beside the API")
+        stand_in = ws / "popularity-model"
+        ctx.obj["settings"] = settings.model_copy(update={"train": settings.train.model_copy(update={"model":
+                                                                                                   "popularity"})})
+        try:
+            ctx.invoke(train, ctx=ctx, data=data, model_dir=stand_in)
+        finally:
+            ctx.obj["settings"] = settings
+        serve_stand_in(settings, stand_in)
+        out.rule("[bold]4. API (popularity until the two-stage model takes over; then its offline evaluation)")
+        out.print(f"Swagger UI: {url}/docs (Authorize with the key below)   stop: Ctrl-C")
+        beside = TrainBeside(ctx.obj["config_file"], settings, data, model_dir, report, url)
+        try:
+            ctx.invoke(serve, ctx=ctx, model_dir=None, data=data, host=None, port=None, workers=None,
+                       clock=None, clock_speed=None, access_log=False, no_auth=False)  # fmt: skip
+        finally:
+            beside.stop()
+        return
     out.rule("[bold]3. training")
-    model_dir = ws / "model"
     ctx.invoke(train, ctx=ctx, data=data, model_dir=model_dir)
-    report = ws / "report.json"
     if evaluate_first or not serve_api:
         out.rule("[bold]4. offline evaluation")
         ctx.invoke(evaluate, ctx=ctx, model_dir=model_dir, data=data, output=report, ground_truth=None)
@@ -787,64 +818,16 @@ def demo(
         out.print(f"done; serve the model with: finrec serve --model-dir {model_dir} --data {data}")
         return
     out.rule("[bold]4. API" if evaluate_first else "[bold]4. API, with the offline evaluation beside it")
-    srv = settings.serve
-    out.print(f"Swagger UI: http://{srv.host}:{srv.port}/docs (Authorize with the key below)   stop: Ctrl-C")
-    beside = None if evaluate_first else _EvaluationBeside(ctx.obj["config_file"], model_dir, data, report,
-                                                             f"http://{srv.host}:{srv.port}")  # fmt: skip
+    out.print(f"Swagger UI: {url}/docs (Authorize with the key below)   stop: Ctrl-C")
+    from finrec.cli._beside import EvaluateBeside
+
+    beside_eval = None if evaluate_first else EvaluateBeside(ctx.obj["config_file"], model_dir, data, report, url)
     try:
         ctx.invoke(serve, ctx=ctx, model_dir=model_dir, data=data, host=None, port=None, workers=None,
                    clock=None, clock_speed=None, access_log=False, no_auth=False)  # fmt: skip
     finally:
-        if beside is not None:
-            beside.stop()
-
-
-class _EvaluationBeside:
-    """`finrec evaluate` in a process of lower priority, started once the API answers /health (so the two do
-    not fight over the cores while the service loads); says where the report is when it is done."""
-
-    def __init__(self, config_file: Path | None, model_dir: Path, data: Path, report: Path, url: str) -> None:
-        import threading
-
-        config = ["--config", str(config_file)] if config_file else []
-        self.cmd = [sys.executable, "-m", "finrec", *config, "evaluate", "--model-dir", str(model_dir),
-                    "--data", str(data), "--output", str(report)]  # fmt: skip
-        self.report, self.url, self.log = report, url, report.with_suffix(".log")
-        self.proc: Any = None
-        self._stopped = threading.Event()
-        threading.Thread(target=self._run, name="finrec-demo-evaluate", daemon=True).start()
-
-    def _run(self) -> None:
-        import subprocess
-
-        import httpx
-
-        while not self._stopped.wait(1.0):
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                continue
-        if self._stopped.is_set():
-            return
-        out.print(f"offline evaluation started beside the API (log: {self.log})")
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=lambda: os.nice(10))  # fmt: skip
-        code = self.proc.wait()
-        if self._stopped.is_set():
-            return
-        if code == 0:
-            out.print(f"[green]offline evaluation done[/]: {self.report.with_suffix('.html')} and {self.report} "
-                      f"(table in {self.log})")  # fmt: skip
-        else:
-            err.print(f"[yellow]warning[/]: the offline evaluation failed (exit {code}); see {self.log}")
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+        if beside_eval is not None:
+            beside_eval.stop()
 
 
 def main() -> None:
