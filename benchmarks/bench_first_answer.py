@@ -1,9 +1,10 @@
 """Benchmark: a newcomer's time to the first answer, from a fresh clone, install included.
 
 What a newcomer does, timed: ``git clone``, ``make demo`` (a fresh ``.venv``, ``pip install -e .``, the default
-world of 200,000 customers, validation, training, then the API), and the first
+world of 200,000 customers, validation, a popularity model, the API, the two-stage model beside it), and the first
 ``GET /recommend/1?k=5`` with the development key the demo prints. Milestones are read from what appears on
-disk (the install stamp, the world's manifest, the model's manifest) and from the API's first answer.
+disk (the install stamp, the world's manifest, each model's manifest, the evaluation report) and from the API's
+first answer. Milestones are measured from the start of the clone.
 
 Usage::
 
@@ -62,7 +63,8 @@ def main() -> None:
                             start_new_session=True)  # fmt: skip
     ws = clone / "finrec-workspace"
     watch = {"install": clone / ".venv" / ".installed-demo", "world": ws / "data" / "manifest.json",
-             "trained": ws / "model" / "manifest.json", "evaluated": ws / "report.html"}  # fmt: skip
+             "popularity_trained": ws / "popularity-model" / "manifest.json",
+             "two_stage_trained": ws / "model" / "manifest.json", "evaluated": ws / "report.html"}  # fmt: skip
     try:
         while "first_answer" not in marks:
             if proc.poll() is not None:
