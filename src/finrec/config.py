@@ -443,6 +443,96 @@ class RetrainSettings(_Section):
     )
 
 
+class ScheduleSettings(_Section):
+    """`finrec scheduler`: which jobs run on their own, and how often. An interval of null turns its job off."""
+
+    drift_check_every_hours: float | None = Field(
+        6.0, gt=0, description="Run the drift check of the champion on the service's new feedback this often "
+        "(hours; null: never). An alert is stored, delivered to [alerts] sinks and can trigger retraining.",
+    )
+    retrain_every_days: float | None = Field(
+        None, gt=0, description="Retrain this long after the last training (days; null: only on a drift alert "
+        "when retrain_on_drift is on).",
+    )
+    retrain_on_drift: bool = Field(
+        True, description="Retrain after a drift alert newer than the last training (the champion's "
+        "registration or the last retrain job).",
+    )
+    promote: bool = Field(
+        False, description="Let a scheduled retrain promote its challenger when it passes the gate (never forced). "
+        "Off: it is registered as challenger, for an A/B test or a promotion by hand.",
+    )
+    rollup_every_minutes: float | None = Field(
+        5.0, gt=0, description="Fold the new events and audit records into the monitoring roll-up this often "
+        "(minutes; null: only when /dashboard or `finrec monitor` is built), and check guardrail health and "
+        "fairness for alerts.",
+    )
+    tick_seconds: float = Field(
+        30.0, gt=0, le=3600, description="How often `finrec scheduler` looks for a job that is due.",
+    )
+    lock: str | None = Field(
+        None, description="Where the job locks live: null (default) is Redis when serve.event_store is a "
+        "redis:// URL, else files under <workspace>/scheduler/locks; or `file:///path/to/folder`, or "
+        "`redis://host:6379/0`. Every scheduler, worker and cron job that may run the same job must share it.",
+    )
+    lock_seconds: float = Field(
+        600.0, gt=1, description="A Redis lock expires this long after its holder stops renewing it (a crashed "
+        "scheduler); renewed every third of it while the job runs.",
+    )
+
+    @field_validator("lock")
+    @classmethod
+    def _lock_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("file://", "redis://", "rediss://")):
+            raise ValueError(f"{v!r} is not a lock URL: use file:///folder or redis://host:6379/0 (or null)")
+        return v
+
+
+class AlertSettings(_Section):
+    """Where alerts go (drift, fairness, guardrail health, retraining) and when guardrail health alerts."""
+
+    webhook_url: str | None = Field(
+        None, description="POST every alert as JSON to this http(s) URL (Slack/Teams relays, Alertmanager-style "
+        "receivers, an on-call tool). Null: alerts are only stored and exported as Prometheus metrics.",
+    )
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=120, description="Timeout of one delivery attempt.")
+    webhook_retries: int = Field(3, ge=0, le=20, description="Attempts after the first one fails (5xx, 429, or "
+                                 "unreachable); 4xx other than 429 are not retried.")
+    webhook_backoff_seconds: float = Field(
+        1.0, ge=0, le=300, description="Wait before the first retry; doubled before each next one.",
+    )
+    dead_letter: Path | None = Field(
+        None, description="JSON Lines file of alerts the webhook never accepted (default: "
+        "<workspace>/monitoring/dead-letter.jsonl).",
+    )
+    empty_answer_rate: float = Field(
+        0.2, gt=0, le=1, description="Guardrail health alerts when more than this share of the recent answers "
+        "are empty (every product removed by a guardrail, or nothing retrieved).",
+    )
+    health_window_hours: float = Field(
+        24.0, gt=0, description="The recent answers of the guardrail health alert: this many hours up to the "
+        "newest answer (service clock).",
+    )
+    health_min_answers: int = Field(
+        100, ge=1, description="Fewer recent answers than this: the empty-answer rate is not judged.",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None or v == "":
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL with a host, e.g. https://hooks.example.com/finrec")
+        return v
+
+    def dead_letter_path(self, workspace: Path) -> Path:
+        return self.dead_letter or workspace / "monitoring" / "dead-letter.jsonl"
+
+
 class ArmSettings(_Section):
     """One arm of an experiment: which model serves it and its share of the traffic."""
 
@@ -525,6 +615,8 @@ class FinrecSettings(BaseSettings):
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
     registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings())
     retrain: RetrainSettings = Field(default_factory=lambda: RetrainSettings())
+    schedule: ScheduleSettings = Field(default_factory=lambda: ScheduleSettings())
+    alerts: AlertSettings = Field(default_factory=lambda: AlertSettings())
     experiments: list[ExperimentSettings] = Field(
         default_factory=list,
         description="A/B tests (TOML `[[experiments]]` tables). At most one may be active at any time.",

@@ -132,6 +132,15 @@ def test_demo_runs_the_whole_job_and_serves_the_api(tmp_path: Path) -> None:
                    for u in range(1, 21)]
         assert sum(1 <= len(a["items"]) <= 3 for a in answers) >= 10, answers
         assert all(item["reasons"] for a in answers for item in a["items"])
+        # a popularity model answered first; the two-stage model trains beside the API, takes over without a
+        # restart, and is then evaluated
+        deadline = time.monotonic() + 600
+        while not (tmp_path / "ws" / "report.html").is_file():
+            assert time.monotonic() < deadline and proc.poll() is None, "the evaluation beside the API wrote no report"
+            time.sleep(1)
+        two_stage = json.loads((tmp_path / "ws" / "model" / "manifest.json").read_text())["metrics"]["model_version"]
+        served = _wait_for_json(f"http://127.0.0.1:{port}/recommend/1?k=3", proc, 10, key_file)["model_version"]
+        assert served == two_stage
     finally:
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
@@ -139,6 +148,7 @@ def test_demo_runs_the_whole_job_and_serves_the_api(tmp_path: Path) -> None:
     assert "valid" in stdout and "trained" in stdout and "Traceback" not in stdout + stderr
     assert "development key" in stdout and key_file.read_text().strip() in stdout  # printed, clearly
     assert (tmp_path / "ws" / "report.html").is_file() and (tmp_path / "ws" / "model" / "manifest.json").is_file()
+    assert "two-stage model trained" in stdout and "offline evaluation started beside the API" in stdout
     assert (tmp_path / "ws" / "audit" / "audit.jsonl").is_file()  # the answer above was audited
     again = finrec("demo", "--workspace", str(tmp_path / "ws"), "--no-serve", env=env)
     assert again.returncode == 0 and "reusing" in again.stdout

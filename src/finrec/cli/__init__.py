@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from finrec.cli._common import err, out
 from finrec.cli._common import is_store_error as _is_store_error
@@ -29,7 +30,19 @@ from finrec.cli._common import settings_of as _settings
 from finrec.config import load_settings, resolve_config_file
 from finrec.errors import DataValidationError, FinrecError
 
+#: `finrec --help` lists the commands in the order a user meets them, whatever order they are defined in.
+COMMAND_ORDER = ("generate", "validate", "train", "evaluate", "recommend", "serve", "monitor", "registry",
+                 "experiment", "retrain", "simulate", "scheduler", "audit", "keygen", "config", "demo")  # fmt: skip
+
+
+class _InOrder(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:  # typer's own (vendored) click.Context
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
 app = typer.Typer(
+    cls=_InOrder,
     name="finrec",
     help="Recommendation engine for financial products: synthetic world, data validation, "
     "two-stage model and a guarded real-time API.",
@@ -43,10 +56,12 @@ app.add_typer(config_app, name="config")
 from finrec.cli.experiment import experiment_app  # noqa: E402
 from finrec.cli.registry import registry_app  # noqa: E402
 from finrec.cli.retrain import retrain  # noqa: E402
+from finrec.cli.scheduler import scheduler_app  # noqa: E402
 from finrec.cli.simulate import simulate  # noqa: E402
 
 app.add_typer(registry_app, name="registry")
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(scheduler_app, name="scheduler")
 app.command()(retrain)
 app.command()(simulate)
 
@@ -484,7 +499,7 @@ def _with_keys(settings: Any, no_auth: bool) -> Any:
     key = ensure_dev_key(path)
     dev = KeySettings(name="dev", scopes=list(SCOPES), sha256=hash_key(key), rate_per_second=None)
     url = f"http://{srv.host}:{srv.port}"
-    out.print(f"[bold yellow]development key[/] (every scope; kept in {path}; configure [[auth.keys]] for real "
+    out.print(f"[bold yellow]development key[/] (every scope; kept in {path}; configure \\[\\[auth.keys]] for real "
               f"use):\n  {key}\n  try: curl -H 'X-API-Key: {key}' '{url}/recommend/1?k=5'")  # fmt: skip
     return settings.model_copy(update={"auth": settings.auth.model_copy(update={"keys": [dev]})})
 
@@ -564,11 +579,17 @@ def monitor(
         typer.Option(help="The service's audit log; its key audit.key sits next to it (or serve.audit_key_file). "
                      "Default: serve.audit_log, else <workspace>/audit/audit.jsonl."),
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Read both stores whole instead of the monitoring roll-up (the workspace's "
+                     "monitoring/rollup.db, brought up to date first): slower, grows with history; for a check."),
+    ] = False,
 ) -> None:
     """Monitoring report of the live service: conversion, guardrail health, fairness, drift and alerts.
 
-    Reads the event store and the audit log of a service (`finrec serve`), joins events to the answers they
-    came from, and writes OUTPUT/index.html (self-contained: plots inline) and OUTPUT/monitor.json. The same
+    Folds what is new in the event store and the audit log of a service (`finrec serve`) into the monitoring
+    roll-up (events joined to the answers they came from), then writes OUTPUT/index.html (self-contained:
+    plots inline) and OUTPUT/monitor.json from its aggregates, with the scheduled jobs' latest runs. The same
     page is served live at /dashboard. See docs/monitoring.md.
     """
     from finrec.monitoring.report import build_monitor_report, optional_drift, render_html, stored_alerts
@@ -589,11 +610,13 @@ def monitor(
         dataset = load_dataset(data_dir, future_tolerance_seconds=settings.validation.future_tolerance_seconds)
     else:
         err.print("[yellow]warning[/]: no dataset (pass --data): fairness and catalogue coverage are skipped")
-    store = _open_events_for_reading(event_store or srv.event_store_url(settings.workspace))
+    store_url = event_store or srv.event_store_url(settings.workspace)
+    store = _open_events_for_reading(store_url)
     drift = optional_drift(model_dir, data_dir, settings)
     alerts, alerts_note = stored_alerts(settings)
     try:
-        report = build_monitor_report(store, audit_path, key, dataset, settings, drift, alerts)
+        report = (build_monitor_report(store, audit_path, key, dataset, settings, drift, alerts) if full
+                  else _rollup_report(settings, store, store_url, audit_path, key, dataset, drift, alerts))  # fmt: skip
     except Exception as exc:
         if isinstance(exc, FinrecError) or not _is_store_error(exc):
             raise
@@ -608,6 +631,33 @@ def monitor(
     (output / "index.html").write_text(render_html(report), encoding="utf-8")
     _print_monitor_summary(report)
     out.print(f"[green]wrote[/] {output / 'index.html'} and {output / 'monitor.json'}")
+
+
+def _rollup_report(settings: Any, store: Any, store_url: str, audit_path: Path, key: bytes, dataset: Any,
+                   drift: dict[str, Any], alerts: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The report from the workspace's roll-up, folding in what is new when no scheduler is folding it now."""
+    from finrec.jobs.history import read_history
+    from finrec.jobs.locks import open_job_lock, wait_free
+    from finrec.monitoring.report import build_rollup_report
+    from finrec.monitoring.rollup import MonitoringRollup, rollup_path, sources_of
+
+    s = settings.schedule
+    lock = open_job_lock(s.lock, settings.workspace, settings.serve.event_store, s.lock_seconds)
+    rollup = MonitoringRollup(rollup_path(settings.workspace), key,
+                              retention_seconds=settings.serve.request_id_max_age_days * 86_400,
+                              sources=sources_of(store_url, audit_path))  # fmt: skip
+    try:
+        lease, update = wait_free(lock, "rollup", timeout=120), None
+        if lease is not None:
+            with lease:
+                update = rollup.update(store, audit_path)
+        else:
+            err.print("[yellow]warning[/]: another runner is folding the roll-up; the report may miss the newest "
+                      "records")  # fmt: skip
+        return build_rollup_report(rollup, dataset, settings, drift, alerts, read_history(settings.workspace),
+                                   update)  # fmt: skip
+    finally:
+        rollup.close()
 
 
 def _trained_on(model_dir: Path | None) -> Path | None:
@@ -655,7 +705,7 @@ def keygen(
                                        "recommend.")
     ] = None,
 ) -> None:
-    """Make a random API key: prints the key (give it to the caller) and the [[auth.keys]] table with its SHA-256
+    """Make a random API key: prints the key (give it to the caller) and the \\[\\[auth.keys]] table with its SHA-256
     (put that in the settings file; the key itself never goes there)."""
     from finrec.config import SCOPES
     from finrec.serving.auth import hash_key, new_key
@@ -684,11 +734,24 @@ def demo(
     serve_api: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Serve the API at the end (until Ctrl-C).")
     ] = True,
+    quick_start: Annotated[
+        bool, typer.Option("--quick-start/--no-quick-start", help="Answer within a minute of the data: serve a "
+                           "popularity model (same guardrails and reasons) from the workspace's registry while the "
+                           "two-stage model trains beside the API, then promote it (the service switches without a "
+                           "restart) and evaluate it. --no-quick-start: serve once the two-stage model is trained.")
+    ] = True,
+    evaluate_first: Annotated[
+        bool, typer.Option("--evaluate-first", help="Train, run the offline evaluation, then serve (the order before "
+                           "quick start; the first answer comes minutes later).")
+    ] = False,
 ) -> None:
-    """Run the main job on embedded defaults: synthetic world, validation, training, evaluation, the API.
+    """Run the main job on embedded defaults: synthetic world, validation, training, the API, evaluation.
 
-    Writes the world, the model bundle and the evaluation report (JSON and HTML) under the
-    workspace, then serves the API on http://127.0.0.1:8000 (Swagger UI at /docs) until Ctrl-C.
+    Writes the world, the model bundle and the evaluation report (JSON and HTML) under the workspace and
+    serves the API on http://127.0.0.1:8000 (Swagger UI at /docs) until Ctrl-C. By default the API answers
+    as soon as a popularity model is trained (about a minute); the two-stage model trains beside it, takes
+    over when ready (promoted in <workspace>/registry; the demo says when), and is then evaluated in a
+    process of lower priority. --no-serve: train, evaluate, stop.
     """
     from finrec.artifacts import read_manifest
     from finrec.data.synthetic.generate import WorldConfig, generate_world
@@ -719,19 +782,52 @@ def demo(
         _print_counts(summary.counts, f"Generated {data} in {summary.seconds:.1f} s")
     out.rule("[bold]2. validation")
     _validate_or_exit(ctx, data, quiet=True)
+    model_dir, report = ws / "model", ws / "report.json"
+    srv = settings.serve
+    url = f"http://{srv.host}:{srv.port}"
+    if serve_api and quick_start and not evaluate_first:
+        # The first answer comes from a popularity model (a minute to train; the same guardrails and reasons), served
+        # from the registry; the two-stage model trains beside the API and is promoted when ready: the service
+        # follows the registry's champion without a restart.
+        from finrec.cli._beside import TrainBeside, serve_stand_in
+
+        out.rule("[bold]3. a popularity model to answer now; the two-stage model trains beside the API")
+        stand_in = ws / "popularity-model"
+        ctx.obj["settings"] = settings.model_copy(update={"train": settings.train.model_copy(update={"model":
+                                                                                                   "popularity"})})
+        try:
+            ctx.invoke(train, ctx=ctx, data=data, model_dir=stand_in)
+        finally:
+            ctx.obj["settings"] = settings
+        serve_stand_in(settings, stand_in)
+        out.rule("[bold]4. API (popularity until the two-stage model takes over; then its offline evaluation)")
+        out.print(f"Swagger UI: {url}/docs (Authorize with the key below)   stop: Ctrl-C")
+        beside = TrainBeside(ctx.obj["config_file"], settings, data, model_dir, report, url)
+        try:
+            ctx.invoke(serve, ctx=ctx, model_dir=None, data=data, host=None, port=None, workers=None,
+                       clock=None, clock_speed=None, access_log=False, no_auth=False)  # fmt: skip
+        finally:
+            beside.stop()
+        return
     out.rule("[bold]3. training")
-    model_dir = ws / "model"
     ctx.invoke(train, ctx=ctx, data=data, model_dir=model_dir)
-    out.rule("[bold]4. offline evaluation")
-    ctx.invoke(evaluate, ctx=ctx, model_dir=model_dir, data=data, output=ws / "report.json", ground_truth=None)
+    if evaluate_first or not serve_api:
+        out.rule("[bold]4. offline evaluation")
+        ctx.invoke(evaluate, ctx=ctx, model_dir=model_dir, data=data, output=report, ground_truth=None)
     if not serve_api:
         out.print(f"done; serve the model with: finrec serve --model-dir {model_dir} --data {data}")
         return
-    out.rule("[bold]5. API")
-    srv = settings.serve
-    out.print(f"Swagger UI: http://{srv.host}:{srv.port}/docs (Authorize with the key below)   stop: Ctrl-C")
-    ctx.invoke(serve, ctx=ctx, model_dir=model_dir, data=data, host=None, port=None, workers=None,
-               clock=None, clock_speed=None, access_log=False, no_auth=False)  # fmt: skip
+    out.rule("[bold]4. API" if evaluate_first else "[bold]4. API, with the offline evaluation beside it")
+    out.print(f"Swagger UI: {url}/docs (Authorize with the key below)   stop: Ctrl-C")
+    from finrec.cli._beside import EvaluateBeside
+
+    beside_eval = None if evaluate_first else EvaluateBeside(ctx.obj["config_file"], model_dir, data, report, url)
+    try:
+        ctx.invoke(serve, ctx=ctx, model_dir=model_dir, data=data, host=None, port=None, workers=None,
+                   clock=None, clock_speed=None, access_log=False, no_auth=False)  # fmt: skip
+    finally:
+        if beside_eval is not None:
+            beside_eval.stop()
 
 
 def main() -> None:

@@ -158,21 +158,26 @@ def extend_dataset(base: Path, events: list[Event], out: Path, note: dict[str, A
     return out
 
 
-def retrain(settings: FinrecSettings, *, data: Path | None = None, if_drift: bool = False, promote: bool = False,
-            min_events: int | None = None, progress: bool = True) -> RetrainResult:  # fmt: skip
-    """Run the retraining job (see the module docstring); raises :class:`FinrecError` on anything to fix."""
-    from finrec.lifecycle.compare import evaluate_versions
-    from finrec.monitoring.conversion import iter_events
-    from finrec.pipeline import train
+@dataclass
+class Feedback:
+    """The service's events since the last training's data ends (:func:`collect_feedback`)."""
 
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-    registry = ModelRegistry.from_settings(settings)
-    champion = registry.resolve(CHAMPION)
-    entry = registry.entry(champion) if champion else None
-    if if_drift and champion is None:
-        raise FinrecError("--if-drift needs a champion whose drift to check",
-                          hint="register and promote a model first, or retrain without --if-drift")  # fmt: skip
+    base: Path
+    events: list[Event]
+    left_out: dict[str, int]
+    after: int
+    store_url: str
+
+    @property
+    def since(self) -> str:
+        return datetime.fromtimestamp(self.after, UTC).isoformat(timespec="seconds")
+
+
+def collect_feedback(settings: FinrecSettings, registry: ModelRegistry, data: Path | None = None) -> Feedback:
+    """The events of the service's store after the last training's dataset (``data`` overrides it), of known
+    customers and products; raises :class:`FinrecError` when there is no dataset to extend."""
+    from finrec.monitoring.conversion import iter_events
+
     # The last training is the newest registered version's (a refused challenger's too): its dataset already
     # holds the feedback before it, so the datasets chain and no event is appended twice.
     versions = registry.versions()
@@ -193,6 +198,26 @@ def retrain(settings: FinrecSettings, *, data: Path | None = None, if_drift: boo
         events, left_out = new_events((e for _, e in iter_events(store)), after, users, products)
     finally:
         store.close()
+    return Feedback(base, events, left_out, after, store_url)
+
+
+def retrain(settings: FinrecSettings, *, data: Path | None = None, if_drift: bool = False, promote: bool = False,
+            min_events: int | None = None, progress: bool = True) -> RetrainResult:  # fmt: skip
+    """Run the retraining job (see the module docstring); raises :class:`FinrecError` on anything to fix."""
+    from finrec.lifecycle.compare import evaluate_versions
+    from finrec.pipeline import train
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    registry = ModelRegistry.from_settings(settings)
+    champion = registry.resolve(CHAMPION)
+    entry = registry.entry(champion) if champion else None
+    if if_drift and champion is None:
+        raise FinrecError("--if-drift needs a champion whose drift to check",
+                          hint="register and promote a model first, or retrain without --if-drift")  # fmt: skip
+    feedback = collect_feedback(settings, registry, data)
+    base, events, left_out, after = feedback.base, feedback.events, feedback.left_out, feedback.after
+    store_url = feedback.store_url
     need = settings.retrain.min_new_events if min_events is None else min_events
     since = datetime.fromtimestamp(after, UTC).isoformat(timespec="seconds")
     if len(events) < need:

@@ -153,15 +153,25 @@ class FairnessAccumulator:
         ev = np.array(list(self.events.values()), dtype=np.int64).reshape(-1, 4)
         known = ev_rows >= 0
         np.add.at(per[:, 3:], ev_rows[known], ev[known])
-        attrs: dict[str, Any] = {}
-        for attr in attributes:
-            if attr in users.columns:
-                attrs[attr] = _attribute(users[attr], attr, per, monitor, exposure=key is not None)
-        flagged = [f"{a}: {m}" for a, r in attrs.items() for m in ("exposure", "approval") if r[m]["flagged"]]
-        return {"attributes": attrs, "missing_attributes": [a for a in attributes if a not in users.columns],
-                "flagged": flagged, "min_ratio": monitor.fairness_min_ratio, "alpha": monitor.fairness_alpha,
-                "min_group_size": monitor.min_group_size, "exposure_available": key is not None,
-                "unmatched_answers": unmatched_answers, "unmatched_events": int(ev[~known].sum())}  # fmt: skip
+        return fairness_of_tallies(per, users, key is not None, attributes, monitor, unmatched_answers,
+                                   int(ev[~known].sum()))  # fmt: skip
+
+
+def fairness_of_tallies(per: np.ndarray, users: pd.DataFrame, exposure: bool, attributes: Sequence[str],
+                        monitor: MonitorSettings, unmatched_answers: int = 0,
+                        unmatched_events: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The fairness section from per-customer tallies ``per`` (a row per row of ``users``; columns: answers,
+    items, answers with an item, impressions, applications, approvals, declines); ``exposure``: whether the
+    answers could be joined to customers (an audit key)."""
+    attrs: dict[str, Any] = {}
+    for attr in attributes:
+        if attr in users.columns:
+            attrs[attr] = _attribute(users[attr], attr, per, monitor, exposure=exposure)
+    flagged = [f"{a}: {m}" for a, r in attrs.items() for m in ("exposure", "approval") if r[m]["flagged"]]
+    return {"attributes": attrs, "missing_attributes": [a for a in attributes if a not in users.columns],
+            "flagged": flagged, "min_ratio": monitor.fairness_min_ratio, "alpha": monitor.fairness_alpha,
+            "min_group_size": monitor.min_group_size, "exposure_available": exposure,
+            "unmatched_answers": unmatched_answers, "unmatched_events": unmatched_events}  # fmt: skip
 
 
 def _attribute(values: pd.Series, attr: str, per: np.ndarray, monitor: MonitorSettings,

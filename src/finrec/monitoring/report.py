@@ -31,6 +31,7 @@ from finrec.monitoring.conversion import COUNTS, RATES, compute_conversion, conv
 from finrec.monitoring.drift import check_drift
 from finrec.monitoring.fairness import FairnessAccumulator, fairness_figure
 from finrec.monitoring.health import HealthAccumulator, health_figure
+from finrec.monitoring.rollup import MonitoringRollup
 
 log = logging.getLogger(__name__)
 _MISSING = "—"
@@ -92,6 +93,58 @@ def build_monitor_report(
     }
 
 
+def build_rollup_report(
+    rollup: MonitoringRollup,
+    dataset: Dataset | None,
+    settings: FinrecSettings,
+    drift: dict[str, Any] | None = None,
+    alerts: list[dict[str, Any]] | None = None,
+    jobs: list[dict[str, Any]] | None = None,
+    update: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The report of :func:`build_monitor_report` from a :class:`MonitoringRollup`'s aggregates: its cost does not
+    grow with the history (update the roll-up first; ``update`` is what that update read, shown on the page)."""
+    t0 = time.perf_counter()
+    mon = settings.monitor
+    conv = rollup.conversion(mon)
+    health = rollup.health_counts()
+    catalogue = dataset.products["product_id"].astype(str).tolist() if dataset is not None else None
+    notes = []
+    fairness: dict[str, Any]
+    if dataset is None:
+        fairness = {"available": False, "reason": "no dataset (customers) to group by"}
+    else:
+        fairness = rollup.fairness(dataset.users, settings.protected_attributes, mon, dataset.fingerprint)
+        if rollup.key is None:
+            notes.append("no audit key: customers' answers cannot be joined to their groups (exposure unknown)")
+    if health.k_known < health.answers:
+        notes.append(f"short answers: {health.answers - health.k_known} audit record(s) do not say the k asked for "
+                     "and are left out of the short-answer rate")  # fmt: skip
+    if conv["audit"]["waiting_events"]:
+        notes.append(f"{conv['audit']['waiting_events']} event(s) cite an answer not yet in the audit log: counted "
+                     "in their own bucket until it arrives")  # fmt: skip
+    return {
+        "title": "finrec monitoring",
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "settings": mon.model_dump(mode="json"),
+        "sources": {
+            "events": conv["events"]["events"],
+            "audit_records": conv["audit"]["records"],
+            "audit_skipped_lines": conv["audit"]["skipped_lines"],
+            "dataset": None if dataset is None else str(dataset.path),
+            "rollup": {"position": rollup.position(), "last_update": update},
+        },
+        "conversion": conv,
+        "health": {**health.result(catalogue), "skipped_lines": conv["audit"]["skipped_lines"]},
+        "fairness": fairness,
+        "drift": drift,
+        "alerts": list(alerts or []),
+        "jobs": list(jobs or []),
+        "notes": notes,
+        "seconds": round(time.perf_counter() - t0 + float((update or {}).get("seconds") or 0), 3),
+    }
+
+
 def optional_drift(model_dir: Path | None, data_dir: Path | None, settings: FinrecSettings,
                    record: bool = True) -> dict[str, Any]:  # fmt: skip
     """``check_drift(...).to_dict()`` (an alert is stored when it alerts), or ``{"available": False, "reason"}``."""
@@ -134,6 +187,8 @@ def render_html(report: Mapping[str, Any], refresh_seconds: int | None = None) -
     body += _fairness(report.get("fairness") or {})
     body += _drift(report.get("drift"))
     body += _alerts(report.get("alerts") or [])
+    if "jobs" in report:
+        body += _jobs(report.get("jobs") or [])
     if report.get("notes"):
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in report["notes"]) + "</ul>")
     page = _PAGE.format(title=_esc(title), style=_STYLE + _EXTRA_STYLE, body="\n".join(body))
@@ -331,6 +386,24 @@ def _alerts(alerts: Sequence[Mapping[str, Any]]) -> list[str]:
         return [*out, "<p>No stored alerts.</p>"]
     cols = list(dict.fromkeys(k for a in alerts for k in a))
     return [*out, _table(cols, [[_cell(a.get(c)) for c in cols] for a in alerts])]
+
+
+def _jobs(jobs: Sequence[Mapping[str, Any]]) -> list[str]:
+    out = ["<h2>Scheduled jobs</h2>"]
+    if not jobs:
+        return [*out, "<p>No job has run yet: start <code>finrec scheduler</code>, or run <code>finrec scheduler run "
+                "JOB</code> from cron (docs/operations.md).</p>"]
+    rows = []
+    for j in reversed(jobs):  # newest first
+        start = dt.datetime.fromtimestamp(float(j["started_at"]), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        summary = j.get("summary") or {}
+        said = summary.get("message") or ", ".join(f"{k}: {v}" for k, v in summary.items() if isinstance(v, str | int))
+        outcome = str(j.get("outcome"))
+        cls = "flag" if outcome in ("failed", "refused", "alert", "abandoned") else "ok" if outcome == "ok" else ""
+        rows.append([_esc(j.get("job")), _esc(j.get("trigger") or ""), _esc(start), _num(j.get("seconds")),
+                     f'<span class="{cls}">{_esc(outcome)}</span>', _esc(str(said)[:300])])  # fmt: skip
+    return [*out, _table(["job", "trigger", "started (UTC)", "seconds", "outcome", "what it did"], rows,
+                         "Newest first: the scheduler's runs and one-off `finrec scheduler run` runs.")]  # fmt: skip
 
 
 def _cell(v: Any) -> str:

@@ -34,6 +34,7 @@ from finrec.events.store import open_event_store
 from finrec.experiments.assignment import DEFAULT_MODEL, Assigner
 from finrec.features.online import open_online_store
 from finrec.features.online.follow import EventFollower
+from finrec.monitoring.exported import MonitoringCollector
 from finrec.pipeline import load_model
 from finrec.serving.audit import AuditLog, load_or_create_key
 from finrec.serving.deployment import BundleSource, ModelSource, RegistrySource, RegistryWatcher
@@ -86,6 +87,7 @@ class Service:
         self.audit_key = audit_key
         self.source: ModelSource = source or BundleSource(model_dir)
         self.metrics = ServiceMetrics()
+        self.metrics.registry.register(MonitoringCollector(settings.workspace))  # drift, conversion, alerts firing
         self.metrics.set_models(self.versions().values())
         self.started = time.time()
         self._reload_lock = threading.Lock()

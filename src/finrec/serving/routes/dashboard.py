@@ -23,8 +23,11 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from finrec.jobs.history import read_history
+from finrec.monitoring.exported import write_section
 from finrec.monitoring.fairness import suppress_small_groups
-from finrec.monitoring.report import build_monitor_report, render_html, stored_alerts
+from finrec.monitoring.report import build_rollup_report, render_html, stored_alerts
+from finrec.monitoring.rollup import MonitoringRollup, rollup_path, sources_of
 from finrec.serving.paths import scrub_value
 from finrec.serving.routes.deps import MonitorCaller, MonitorPageCaller, ServiceDep
 from finrec.serving.service import Service
@@ -46,6 +49,8 @@ class _Cached:
     report: dict[str, Any] | None = None
     html: str | None = None
     refreshing: bool = False
+    rollup: MonitoringRollup | None = None
+    job_lock: Any = None
 
 
 _cache: weakref.WeakKeyDictionary[Service, _Cached] = weakref.WeakKeyDictionary()
@@ -60,13 +65,45 @@ def _entry(service: Service) -> _Cached:
         return entry
 
 
-def _build(service: Service) -> dict[str, Any]:
+def _fold(service: Service, entry: _Cached) -> tuple[MonitoringRollup, dict[str, Any] | None]:
+    """The service's roll-up, with what is new folded in when no other runner is folding it now."""
+    settings = service.settings
+    memory = settings.serve.event_store_url(settings.workspace).startswith("memory://")
+    if entry.rollup is None:
+        days = settings.serve.request_id_max_age_days
+        sources = sources_of(settings.serve.event_store_url(settings.workspace), service.audit_path)
+        entry.rollup = MonitoringRollup(None if memory else rollup_path(settings.workspace), service.audit_key,
+                                        retention_seconds=days * 86_400, sources=sources)  # fmt: skip
+    if memory:  # the store lives in this process: so does its roll-up, and nobody else folds it
+        return entry.rollup, entry.rollup.update(service.recommender.events, service.audit_path)
+    if entry.job_lock is None:
+        from finrec.jobs.locks import open_job_lock
+
+        s = settings.schedule
+        entry.job_lock = open_job_lock(s.lock, settings.workspace, settings.serve.event_store, s.lock_seconds)
+    lease = entry.job_lock.try_acquire("rollup")
+    if lease is None:
+        return entry.rollup, None
+    with lease:
+        return entry.rollup, entry.rollup.update(service.recommender.events, service.audit_path)
+
+
+def _build(service: Service, entry: _Cached) -> dict[str, Any]:
     rec = service.recommender
     alerts, note = stored_alerts(service.settings)
     latest = next((a for a in reversed(alerts) if a.get("kind") == "drift"), None)
     drift = _drift_of_alert(latest) if latest is not None else {"available": False, "reason": _NO_DRIFT}
-    report = build_monitor_report(rec.events, service.audit_path, service.audit_key, rec.model.data.ds,
-                                  service.settings, drift, alerts)  # fmt: skip
+    rollup, update = _fold(service, entry)
+    try:
+        jobs = read_history(service.settings.workspace)
+    except Exception:  # the history is a footnote: a damaged one must not take the page with it
+        log.exception("cannot read the job history")
+        jobs = []
+    report = build_rollup_report(rollup, rec.model.data.ds, service.settings, drift, alerts, jobs, update)
+    try:  # /metrics exports the same conversion rates (finrec_conversion_rate)
+        write_section(service.settings.workspace, "conversion", {"totals": report["conversion"]["totals"]})
+    except OSError:
+        log.warning("cannot write the conversion figures for /metrics")
     report["title"] = "finrec monitoring: live service"
     report["model_version"] = rec.model.version
     if note:
@@ -87,7 +124,7 @@ def _drift_of_alert(alert: dict[str, Any]) -> dict[str, Any]:
 
 def _refresh(service: Service, entry: _Cached) -> None:
     try:
-        report = _build(service)
+        report = _build(service, entry)
     except Exception:  # keep serving the last report; the next request tries again
         log.exception("dashboard rebuild failed")
         with entry.lock:
@@ -101,7 +138,7 @@ def _cached(service: Service, html: bool) -> tuple[dict[str, Any], str | None]:
     entry = _entry(service)
     with entry.lock:
         if entry.report is None:
-            entry.report, entry.built = _build(service), time.monotonic()
+            entry.report, entry.built = _build(service, entry), time.monotonic()
         elif time.monotonic() - entry.built > CACHE_SECONDS and not entry.refreshing:
             entry.refreshing = True
             threading.Thread(target=_refresh, args=(service, entry), name="finrec-dashboard", daemon=True).start()
