@@ -133,6 +133,8 @@ def train_two_stage(
         model, report = _train_with_impressions(ds, settings, progress)
     else:
         model, report = _train_without_impressions(ds, settings, progress)
+    if model.ranker is None and model.retriever is None and model.sources is None:
+        model.serve = "popularity"  # what answers then, and what the manifest and `finrec train` say
     return model, report
 
 
