@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +62,10 @@ def build_monitor_report(
     if audit_path is None or not Path(audit_path).is_file():
         notes.append(f"no audit log at {audit_path}: no guardrail health, exposure, or attribution by request_id")
     catalogue = dataset.products["product_id"].astype(str).tolist() if dataset is not None else None
-    fairness: dict[str, Any]
-    if dataset is None:
-        fairness = {"available": False, "reason": "no dataset (customers) to group by"}
-    else:
-        fairness = fair.result(dataset.users, audit_key, settings.protected_attributes, mon, dataset.fingerprint)
-        if audit_key is None:
-            notes.append("no audit key: customers' answers cannot be joined to their groups (exposure unknown)")
-    if health.k_known < health.answers:
-        notes.append(f"short answers: {health.answers - health.k_known} audit record(s) do not say the k asked for "
-                     "and are left out of the short-answer rate")  # fmt: skip
+    fairness, more = _fairness_and_notes(
+        dataset, lambda ds: fair.result(ds.users, audit_key, settings.protected_attributes, mon, ds.fingerprint),
+        audit_key is None, health)  # fmt: skip
+    notes.extend(more)
     return {
         "title": "finrec monitoring",
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -93,6 +87,23 @@ def build_monitor_report(
     }
 
 
+def _fairness_and_notes(dataset: Dataset | None, fairness_of: Callable[[Dataset], dict[str, Any]], keyless: bool,
+                        health: HealthAccumulator) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """Fairness by group (or why there is none) and the notes on it and on short answers, for both reports."""
+    notes = []
+    fairness: dict[str, Any]
+    if dataset is None:
+        fairness = {"available": False, "reason": "no dataset (customers) to group by"}
+    else:
+        fairness = fairness_of(dataset)
+        if keyless:
+            notes.append("no audit key: customers' answers cannot be joined to their groups (exposure unknown)")
+    if health.k_known < health.answers:
+        notes.append(f"short answers: {health.answers - health.k_known} audit record(s) do not say the k asked for "
+                     "and are left out of the short-answer rate")  # fmt: skip
+    return fairness, notes
+
+
 def build_rollup_report(
     rollup: MonitoringRollup,
     dataset: Dataset | None,
@@ -109,17 +120,9 @@ def build_rollup_report(
     conv = rollup.conversion(mon)
     health = rollup.health_counts()
     catalogue = dataset.products["product_id"].astype(str).tolist() if dataset is not None else None
-    notes = []
-    fairness: dict[str, Any]
-    if dataset is None:
-        fairness = {"available": False, "reason": "no dataset (customers) to group by"}
-    else:
-        fairness = rollup.fairness(dataset.users, settings.protected_attributes, mon, dataset.fingerprint)
-        if rollup.key is None:
-            notes.append("no audit key: customers' answers cannot be joined to their groups (exposure unknown)")
-    if health.k_known < health.answers:
-        notes.append(f"short answers: {health.answers - health.k_known} audit record(s) do not say the k asked for "
-                     "and are left out of the short-answer rate")  # fmt: skip
+    fairness, notes = _fairness_and_notes(
+        dataset, lambda ds: rollup.fairness(ds.users, settings.protected_attributes, mon, ds.fingerprint),
+        rollup.key is None, health)  # fmt: skip
     if conv["audit"]["waiting_events"]:
         notes.append(f"{conv['audit']['waiting_events']} event(s) cite an answer not yet in the audit log: counted "
                      "in their own bucket until it arrives")  # fmt: skip
