@@ -29,7 +29,7 @@ from finrec.features.online import Activity
 from finrec.retrieval.index import make_index
 from finrec.serving.online import LiveCustomer, overlay
 from finrec.serving.state import ServingData
-from finrec.twostage.model import TwoStageModel, merge_candidates, score_candidates, top_k
+from finrec.twostage.model import TwoStageModel, approval_odds_of, merge_candidates, score_candidates, top_k
 
 _EMBED_BLOCK = 50_000
 
@@ -210,7 +210,7 @@ class ServingModel:
         leaves = None
         if single or self.serve == "two_tower":
             order = np.arange(n)  # already in the serving source's order
-            odds = X[:, self.odds_col].astype(np.float64) if self.odds_col >= 0 else np.full(n, np.nan)
+            odds = approval_odds_of(X, self.names)
         else:
             # The ranking core batch scoring uses; one pass over the trees also gives the leaves (the reasons).
             _, final, odds, leaves = score_candidates(self.model.ranker if n else None, X, self.names,

@@ -115,6 +115,11 @@ class TwoStageModel:
         inter: Interactions = cache["interactions"]
         return inter
 
+    def set_retriever(self, retriever: TwoTowerModel) -> None:
+        """Serve ``retriever`` from now on (a refit): the old towers' cached embeddings and indexes are dropped."""
+        self.retriever = retriever
+        self._cache = None
+
     def set_sources(self, snap: Snapshot, sources: SourceSet) -> None:
         """Use ``sources`` (fitted at this snapshot's cutoff) for this snapshot."""
         self._snapshot_cache(snap)["sources"] = sources
@@ -410,6 +415,13 @@ def merge_candidates(src: dict[str, np.ndarray], allowed: np.ndarray, per_source
     return [np.union1d(m, r) for m, r in zip(merged, retrieved, strict=True)]
 
 
+def approval_odds_of(X: np.ndarray, names: list[str]) -> np.ndarray:
+    """The approval odds column of ranker rows ``X`` as float64 (NaN when the bundle has no approval model)."""
+    if "approval_odds" not in names:
+        return np.full(len(X), np.nan)
+    return X[:, names.index("approval_odds")].astype(np.float64)
+
+
 def score_candidates(
     ranker: Ranker | None, X: np.ndarray, names: list[str], demote_below: float, with_leaves: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -426,9 +438,7 @@ def score_candidates(
         raw, leaves = ranker.predict_with_leaves(X)
     else:
         raw = ranker.predict(X)
-    odds = np.full(len(X), np.nan)
-    if "approval_odds" in names:
-        odds = X[:, names.index("approval_odds")].astype(np.float64)
+    odds = approval_odds_of(X, names)
     final = np.where(np.nan_to_num(odds, nan=1.0) < demote_below, raw - 1e6, raw)
     return raw, final, odds, leaves
 

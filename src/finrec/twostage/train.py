@@ -165,9 +165,10 @@ def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: Feature
         pair_parts.append(np.column_stack([row, pos["product"].to_numpy()]))
         weight_parts.append(pos["grade"].to_numpy(np.float32))
         offset += len(users)
-    val_pos = _positives(builder, split.rank_cutoff, split.eval_cutoff, grades, t.retrieval_min_grade)
-    if epochs is not None:
-        val_pos = val_pos.iloc[:0]
+    if epochs is None:
+        val_pos = _positives(builder, split.rank_cutoff, split.eval_cutoff, grades, t.retrieval_min_grade)
+    else:  # a refit: no validation window (nothing is read from the one that follows its last window)
+        val_pos = pd.DataFrame({"user": np.empty(0, np.int64), "product": np.empty(0, np.int64)})
     if exclude is not None and len(exclude):
         val_pos = val_pos[~np.isin(val_pos["user"].to_numpy(), exclude)]
     val_users = np.unique(val_pos["user"].to_numpy())
@@ -591,20 +592,21 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
     rng = np.random.default_rng(t.seed)
     if len(q_users) > t.max_ranker_queries:
         q_users = np.sort(rng.choice(q_users, t.max_ranker_queries, replace=False))
-    rank_history = builder.history(split.rank_cutoff, t.history_length)
     ranker = None
     categorical = space.tabular_names(model.pair_columns)[1]
     rows: Rows | None = None
-    if t.model == "two_stage" and len(q_users) >= MIN_RANKER_QUERIES:
-        def window_rows(snap: Snapshot, users: np.ndarray, lab: pd.DataFrame, seen: pd.DataFrame) -> Rows:
-            allowed = allowed_mask(rules, snap, users, ds.n_products)
-            history = builder.history(snap.cutoff, t.history_length)
-            if t.ranker_rows == "shown":
-                return _ranker_rows(model, builder, snap, users, allowed, history, lab, seen)
-            lab = lab[lab["grade"] >= t.retrieval_min_grade]
-            return _candidate_rows(model, builder, snap, users, allowed, history, lab, t.n_candidates,
-                                   t.ranker_negatives, rng)  # fmt: skip
 
+    def window_rows(snap: Snapshot, users: np.ndarray, lab: pd.DataFrame, seen: pd.DataFrame) -> Rows:
+        """The ranker's rows of ``users`` at ``snap``: what they were shown (or the candidates), graded by ``lab``."""
+        allowed = allowed_mask(rules, snap, users, ds.n_products)
+        history = builder.history(snap.cutoff, t.history_length)
+        if t.ranker_rows == "shown":
+            return _ranker_rows(model, builder, snap, users, allowed, history, lab, seen)
+        lab = lab[lab["grade"] >= t.retrieval_min_grade]
+        return _candidate_rows(model, builder, snap, users, allowed, history, lab, t.n_candidates,
+                               t.ranker_negatives, rng)  # fmt: skip
+
+    if t.model == "two_stage" and len(q_users) >= MIN_RANKER_QUERIES:
         rows = window_rows(rank_snap, q_users, labels, shown)
         # Earlier windows too (``ranker_windows``), each with features at its own cutoff and the same customers'
         # budget: on a small book the latest window alone leaves the ranker a few thousand customers. Their
@@ -646,14 +648,11 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
     if len(guard_users) and t.model == "two_stage":
         allowed = allowed_mask(rules, rank_snap, guard_users, ds.n_products)
         model.serve = _guard(model, builder, rank_snap, guard_users, allowed, new, report, progress, t.serve)
-        if ranker is not None and rows is not None:
+        if ranker is not None and rows is not None and t.ranker_rows == "shown":
             # The guard's customers join the ranker's (their rows of the latest window), with the trees chosen.
-            g_users = np.intersect1d(guard_users, q_all)
-            if t.ranker_rows == "shown":
-                g_allowed = allowed_mask(rules, rank_snap, g_users, ds.n_products)
-                g_rows = _ranker_rows(model, builder, rank_snap, g_users, g_allowed, rank_history, labels, shown)
-                model.ranker = _refit_ranker(ranker, _stack_rows(rows, g_rows), categorical, t.seed,
-                                             position=t.position_debias)  # fmt: skip
+            # (Measured with shown rows, the default; `ranker_rows = "retrieved"` keeps the ranker as it is.)
+            g_rows = window_rows(rank_snap, np.intersect1d(guard_users, q_all), labels, shown)
+            model.ranker = _refit_ranker(ranker, _stack_rows(rows, g_rows), categorical, position=t.position_debias)
     if retriever is not None and t.refit_two_tower:
         # The served two-tower learns from the latest window too (the one the ranker and the guard used), for
         # the epochs early stopping chose: it would otherwise be a window staler than everything else served.
@@ -661,8 +660,7 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
         refit = _fit_two_tower(builder, replace(split, retrieval_cutoffs=windows), space, settings, report, progress,
                                epochs=retriever.best_epoch_)  # fmt: skip
         if refit is not None:
-            model.retriever = refit
-            model._cache = None  # embeddings and indexes of the old towers
+            model.set_retriever(refit)
     _refit_sources(model, ds)
     report.seconds["validation_and_refit"] = time.perf_counter() - clock
     return model, report
@@ -822,8 +820,7 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
         g_allowed = _allowed_new(rules, model, builder, gsnap, guard_users)
         g_rows = _candidate_rows(model, builder, gsnap, guard_users, g_allowed, g_history, plan.targets,
                                  t.n_candidates, t.ranker_negatives, rng)  # fmt: skip
-        model.ranker = _refit_ranker(ranker, _stack_rows(rows, g_rows), space.tabular_names(model.pair_columns)[1],
-                                     t.seed)  # fmt: skip
+        model.ranker = _refit_ranker(ranker, _stack_rows(rows, g_rows), space.tabular_names(model.pair_columns)[1])
     _refit_sources(model, ds)
     report.seconds["validation_and_refit"] = time.perf_counter() - clock
     return model, report
@@ -839,11 +836,11 @@ def _stack_rows(a: Rows, b: Rows) -> Rows:
             np.concatenate([a[3], b[3]]), a[4])  # fmt: skip
 
 
-def _refit_ranker(ranker: Ranker, rows: Rows, categorical: list[str], seed: int, position: bool = False) -> Ranker:
+def _refit_ranker(ranker: Ranker, rows: Rows, categorical: list[str], position: bool = False) -> Ranker:
     """The ranker refitted on ``rows`` (every validation customer) with the number of trees early stopping chose."""
     X, y, qid, pos, names = rows
     keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1
-    cfg = replace(ranker.config, n_estimators=max(ranker.best_iteration_, 1), validation_fraction=0.0, seed=seed)
+    cfg = replace(ranker.config, n_estimators=max(ranker.best_iteration_, 1), validation_fraction=0.0)
     pos_kept = pos[keep] if position and (pos[keep] > 0).any() else None
     refit = Ranker(cfg).fit(X[keep], y[keep], qid[keep], names, categorical, position=pos_kept)
     refit.validation_ndcg_ = ranker.validation_ndcg_
