@@ -47,7 +47,7 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/pytest -m "" -q
+	$(BIN)/pytest -m "" -q --durations=25
 
 ## Quick tests only (slow and integration skipped).
 test-fast: $(STAMP)

@@ -389,11 +389,6 @@ class _Spy:
         self._seen[self._key] = X.copy()
         return np.asarray(self._real.predict(X))
 
-    def predict_with_leaves(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self._seen[self._key] = X.copy()
-        scores, leaves = self._real.predict_with_leaves(X)
-        return np.asarray(scores), np.asarray(leaves)
-
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         self._seen[self._key] = X.copy()
         return np.asarray(self._real.predict_proba(X))

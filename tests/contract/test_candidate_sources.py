@@ -223,3 +223,12 @@ def test_one_customer_is_scored_and_merged_exactly_as_in_a_batch() -> None:
     for i in range(40):
         one = SourceSet.candidates({k: v[i : i + 1] for k, v in scores.items()}, allowed[i : i + 1], 3)[0]
         np.testing.assert_array_equal(one, batch_c[i])
+    # and each pair's source scores and ranks (every source ranked in one call for one customer)
+    q = np.repeat(np.arange(40), [len(c) for c in batch_c])
+    batch_f = SourceSet.features(scores, allowed, q, np.concatenate(batch_c))
+    for i in range(40):
+        one_f = SourceSet.features({k: v[i : i + 1] for k, v in scores.items()}, allowed[i : i + 1],
+                                   np.zeros(len(batch_c[i]), np.int64), batch_c[i])  # fmt: skip
+        assert set(one_f) == set(batch_f)
+        for name, values in one_f.items():
+            np.testing.assert_array_equal(values, batch_f[name][q == i])

@@ -170,12 +170,11 @@ class AdversarialRanker:
     def contributions(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.inner.contributions(X))
 
-    def predict_with_leaves(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        score, leaves = self.inner.predict_with_leaves(X)
-        return score + 1e3 * self.badness[: len(X)], leaves
+    def leaves(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.inner.leaves(X))
 
-    def contributions_from_leaves(self, leaves: np.ndarray) -> np.ndarray:
-        return np.asarray(self.inner.contributions_from_leaves(leaves))
+    def contributions_from_leaves(self, leaves: np.ndarray, projection: np.ndarray | None = None) -> np.ndarray:
+        return np.asarray(self.inner.contributions_from_leaves(leaves, projection))
 
 
 profiles = st.fixed_dictionaries({

@@ -68,6 +68,14 @@ def test_leaf_table_lookup_equals_the_walk_and_the_ranker_uses_it() -> None:
     shap = ranker.contributions(Xr[:10], method="shap")
     np.testing.assert_allclose(path.sum(axis=1), ranker.predict(Xr[:10]), atol=1e-6)
     np.testing.assert_allclose(path.sum(axis=1), shap.sum(axis=1), atol=1e-6)
-    scores, leaves = ranker.predict_with_leaves(Xr)  # one pass: the scores and, for kept rows, their reasons
-    np.testing.assert_allclose(scores, ranker.predict(Xr), atol=1e-9)
-    np.testing.assert_allclose(ranker.contributions_from_leaves(leaves[:10]), path, atol=1e-12)
+    leaves = ranker.leaves(Xr[:10])  # what the API asks for the rows it returns
+    np.testing.assert_allclose(ranker.contributions_from_leaves(leaves), path, atol=1e-12)
+    # projected onto groups (the reasons' group totals): the same sums as projecting the per-feature contributions,
+    # from a table projected once per projection object
+    projection = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # a, b -> group 0; c -> 1; bias -> none
+    grouped = ranker.contributions_from_leaves(leaves, projection)
+    np.testing.assert_allclose(grouped, path[:, :-1] @ projection[:-1], atol=1e-12)
+    np.testing.assert_allclose(ranker.contributions_from_leaves(ranker.leaves(Xr[10:20]), projection),
+                               ranker.contributions(Xr[10:20]) @ projection, atol=1e-12)  # fmt: skip
+    other = projection[:, ::-1].copy()  # another projection is not served from the first one's table
+    np.testing.assert_allclose(ranker.contributions_from_leaves(leaves, other), grouped[:, ::-1], atol=1e-12)

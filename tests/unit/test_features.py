@@ -380,3 +380,20 @@ def test_feature_space_round_trip_and_missing_columns(ds: Dataset, cutoff: int) 
     d2 = space.user_dense(lacking)
     assert d2.shape == dense.shape and np.isfinite(d2).all()
     assert space.product_dense(lacking).shape == space.product_dense(snap).shape
+
+
+def test_holdings_follow_the_log_order_when_ownership_events_share_a_second() -> None:
+    """What a customer holds is the last ownership event in the log (sorted by time, then file order), also
+    between events of the same second (day-resolution data); by time alone the pick was not deterministic."""
+    events = [  # tiny_dataset sorts stably by time: the list order below is the log order within a second
+        (0, 0, "approve", 100), (0, 0, "close", 100),  # approved and closed in the same second: not held
+        (0, 1, "close", 100), (0, 1, "hold", 100),  # closed, then held again: held
+        (1, 2, "hold", 50), (1, 2, "close", 100), (1, 2, "hold", 100),  # held
+        (2, 0, "hold", 100), (2, 0, "close", 100),  # not held
+    ]  # fmt: skip
+    expected = {0: 1.0, 1: 1.0, 2: 0.0}
+    for threads in (1, 2, 4):
+        fb = FeatureBuilder(tiny_dataset(events))
+        fb.con.execute(f"SET threads TO {threads}")
+        held = fb.snapshot(200).users["n_held"]
+        assert {u: float(held.iloc[u]) for u in range(3)} == expected, threads

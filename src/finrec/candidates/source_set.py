@@ -124,14 +124,15 @@ class SourceSet:
         """Per customer row: the union of every source's ``n`` best allowed products (sorted product rows)."""
         rows: list[np.ndarray] = []
         tops = []
-        if allowed.shape[0] == 1:  # one customer (a request): the same steps on 1-d arrays (the same ties win)
-            picks = []
-            for s in scores.values():
-                k = min(n, s.shape[1])
-                masked = np.where(allowed[0], s[0], -np.inf)
-                part = np.argpartition(-masked, k - 1)[:k] if k < s.shape[1] else np.arange(s.shape[1])
-                picks.append(part[allowed[0][part]])
-            return [np.unique(np.concatenate(picks)) if picks else np.empty(0, np.int64)]
+        if allowed.shape[0] == 1:  # one customer (a request): every source in one call, a row each (same ties)
+            if not scores:
+                return [np.empty(0, np.int64)]
+            stacked_scores = np.vstack([s[0] for s in scores.values()])  # exact upcast: same order, same ties
+            k = min(n, stacked_scores.shape[1])
+            masked = np.where(allowed, stacked_scores, -np.inf)
+            part = np.argpartition(-masked, k - 1, axis=1)[:, :k] if k < masked.shape[1] else np.tile(
+                np.arange(masked.shape[1]), (len(masked), 1))  # fmt: skip
+            return [np.unique(part[allowed[0][part]])]
         for s in scores.values():
             k = min(n, s.shape[1])
             masked = np.where(allowed, s, -np.inf)
@@ -150,6 +151,13 @@ class SourceSet:
                  items: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
         """``src_<name>`` and ``src_<name>_rank`` of pairs (row ``q[i]`` of the block, product ``items[i]``)."""
         out: dict[str, np.ndarray] = {}
+        if allowed.shape[0] == 1 and scores:  # one customer (a request): every source's ranks in one call
+            ranks = ranks_among(np.vstack([s[0] for s in scores.values()]), np.broadcast_to(allowed, (len(scores),
+                                allowed.shape[1])))  # fmt: skip
+            for j, (name, s) in enumerate(scores.items()):
+                out[f"src_{name}"] = s[q, items].astype(np.float32)
+                out[f"src_{name}_rank"] = ranks[j, items].astype(np.float32)
+            return out
         for name, s in scores.items():  # float32: what the ranker reads (the cast is the same one, done earlier)
             ranks = ranks_among(s, allowed)
             out[f"src_{name}"] = s[q, items].astype(np.float32)

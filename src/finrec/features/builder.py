@@ -134,7 +134,11 @@ class FeatureBuilder:
         self.con.execute("SET threads TO 2")
         self.con.register(
             "ev",
-            pa.table({"u": ev.user, "p": ev.product, "e": ev.etype, "ts": ev.ts, "pos": ev.position}),
+            # i: the event's place in the log (sorted by time, then file order), the total order "last" means: by
+            # time alone, arg_max over a customer-product's events at the same second is not deterministic (it
+            # differed between 1 and 2 DuckDB threads on day-resolution data).
+            pa.table({"u": ev.user, "p": ev.product, "e": ev.etype, "ts": ev.ts, "pos": ev.position,
+                      "i": np.arange(len(ev.ts), dtype=np.int32 if len(ev.ts) < 2**31 else np.int64)}),
         )
         products = dataset.products
         if "category" in products.columns:
@@ -162,7 +166,7 @@ class FeatureBuilder:
             u_num.append(c)
         held = self.con.execute(
             f"""SELECT u AS "user", p AS product FROM (
-                  SELECT u, p, arg_max(e, ts) AS last FROM ev
+                  SELECT u, p, arg_max(e, i) AS last FROM ev
                   WHERE ts < {cutoff} AND e IN {tuple(_OWNERSHIP)} GROUP BY u, p)
                 WHERE last <> {ETYPE["close"]} ORDER BY 1, 2"""
         ).df()

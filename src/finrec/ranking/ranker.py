@@ -22,6 +22,9 @@ import numpy as np
 from finrec.errors import ArtifactError
 from finrec.ranking.attribution import PathAttribution
 
+#: Fewer rows than this are predicted on one thread (an answer's k rows; see :meth:`Ranker.leaves`).
+_ROWS_PER_THREAD = 64
+
 
 @dataclass
 class RankerConfig:
@@ -133,20 +136,20 @@ class Ranker:
             self._paths = PathAttribution(self.booster_, self.best_iteration_)
         return self._paths
 
-    def predict_with_leaves(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and the leaf each row reaches in each tree, from one pass over the trees.
+    def leaves(self, X: np.ndarray) -> np.ndarray:
+        """The leaf each row reaches in each tree (LightGBM's ``pred_leaf``): what :meth:`contributions_from_leaves`
+        explains. The API asks it only for the rows it returns, after :meth:`predict` has ranked every candidate.
 
-        The scores equal :meth:`predict`'s (the sum of the leaves' values); the leaves give
-        :meth:`contributions_from_leaves` for the rows that are kept, without walking the trees again.
-        """
+        A few rows walk the trees on one thread: waking a second one costs more than the walk (measured)."""
         self._check(X)
-        leaves = np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_leaf=True,
-                                                  num_threads=self.config.num_threads))  # fmt: skip
-        return self._path_attribution().scores_from_leaves(leaves), leaves
+        threads = 1 if len(X) < _ROWS_PER_THREAD else self.config.num_threads
+        return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_leaf=True,
+                                                num_threads=threads))  # fmt: skip
 
-    def contributions_from_leaves(self, leaves: np.ndarray) -> np.ndarray:
-        """Path contributions (n, n_features + 1) of rows given their leaves (see :meth:`predict_with_leaves`)."""
-        return self._path_attribution().from_leaves(leaves)
+    def contributions_from_leaves(self, leaves: np.ndarray, projection: np.ndarray | None = None) -> np.ndarray:
+        """Path contributions (n, n_features + 1) of rows given their leaves (see :meth:`leaves`); with
+        ``projection`` (n_features + 1, m), the (n, m) projected sums without the bias (e.g. per reason group)."""
+        return self._path_attribution().from_leaves(leaves, projection)
 
     def contributions(self, X: np.ndarray, method: Literal["path", "shap"] = "path") -> np.ndarray:
         """(n, n_features + 1) per-feature contributions to each score (last column: bias); rows sum to the score.
@@ -157,7 +160,7 @@ class Ranker:
         """
         self._check(X)
         if method == "path":
-            return self.contributions_from_leaves(self.predict_with_leaves(X)[1])
+            return self.contributions_from_leaves(self.leaves(X))
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True,
                                                 num_threads=self.config.num_threads))  # fmt: skip
 

@@ -124,17 +124,20 @@ _COMPILED = tuple((code, re.compile(pattern)) for code, pattern in _FEATURE_PATT
 
 
 #: Facts a reason's text asserts, checked against the item's feature values (any one check suffices).
-_CLAIMS: dict[str, tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...]] = {
-    "LOW_FEES": (("product_annual_fee_vs_category", lambda v: v <= 0), ("product_annual_fee", lambda v: v == 0)),
-    "COMPETITIVE_RATE": (("product_apr_vs_category", lambda v: v <= 0),),
-    "HIGH_YIELD": (("product_apy_vs_category", lambda v: v >= 0),),
-    "RISK_FIT": (("risk_gap", lambda v: v <= 0),),
-    "LIKELY_APPROVAL": (("approval_odds", lambda v: v >= 0.5), ("credit_margin", lambda v: v >= 0)),
-    "MATCHES_INTERESTS": (("category_affinity", lambda v: v > 0),),
-    "COMPLEMENTS_HOLDINGS": (("user_n_held", lambda v: v > 0),),
-    "TRUSTED_PROVIDER": (("holds_provider", lambda v: v > 0),),
-    "RECENT_INTEREST": (("pair_seen", lambda v: v > 0), ("pair_clicked", lambda v: v > 0)),
-    "NEW_PRODUCT": (("product_days_since_launch", lambda v: v <= 90),),
+_CLAIMS: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "LOW_FEES": (("product_annual_fee_vs_category", "<=", 0.0), ("product_annual_fee", "==", 0.0)),
+    "COMPETITIVE_RATE": (("product_apr_vs_category", "<=", 0.0),),
+    "HIGH_YIELD": (("product_apy_vs_category", ">=", 0.0),),
+    "RISK_FIT": (("risk_gap", "<=", 0.0),),
+    "LIKELY_APPROVAL": (("approval_odds", ">=", 0.5), ("credit_margin", ">=", 0.0)),
+    "MATCHES_INTERESTS": (("category_affinity", ">", 0.0),),
+    "COMPLEMENTS_HOLDINGS": (("user_n_held", ">", 0.0),),
+    "TRUSTED_PROVIDER": (("holds_provider", ">", 0.0),),
+    "RECENT_INTEREST": (("pair_seen", ">", 0.0), ("pair_clicked", ">", 0.0)),
+    "NEW_PRODUCT": (("product_days_since_launch", "<=", 90.0),),
+}
+_OPS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "<=": np.less_equal, ">=": np.greater_equal, "==": np.equal, ">": np.greater,
 }
 
 
@@ -181,10 +184,19 @@ class ReasonMapper:
         self.group_index = np.array([index[g] for g in groups], dtype=np.int64)
         self._onehot = np.zeros((len(self.feature_names), len(self.codes)))
         self._onehot[np.arange(len(groups)), self.group_index] = 1.0
+        #: (n_features + 1, n_groups): per-feature contributions (bias last) times this are the group totals.
+        self.projection = np.vstack([self._onehot, np.zeros((1, len(self.codes)))])
         col = {n: j for j, n in enumerate(self.feature_names)}
-        # Resolved once: (group position, [(feature column, test)]) for each claim this model's features can check.
-        self._claims = [(self.codes.index(code), [(col[name], test) for name, test in checks if name in col])
-                        for code, checks in _CLAIMS.items() if code in self.codes]  # fmt: skip
+        # Resolved once, as arrays, so a request checks every claim in a few vector operations: each check's
+        # feature column, comparison and threshold, and which group it vouches for (any one check suffices).
+        claimed = [(self.codes.index(code), checks) for code, checks in _CLAIMS.items() if code in self.codes]
+        self._claim_groups = np.array([g for g, _ in claimed], dtype=np.int64)
+        checks = [(i, col[name], op, v) for i, (_, cs) in enumerate(claimed) for name, op, v in cs if name in col]
+        self._check_col = np.array([c[1] for c in checks], dtype=np.int64)
+        self._check_value = np.array([c[3] for c in checks], dtype=np.float64)
+        self._check_ops = [(_OPS[op], np.array([c[2] == op for c in checks])) for op in _OPS]
+        self._check_of_claim = np.zeros((len(checks), len(claimed)))
+        self._check_of_claim[np.arange(len(checks)), [c[0] for c in checks]] = 1.0
 
     def group_contributions(self, contributions: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Sum per-feature contributions per reason group.
@@ -226,13 +238,16 @@ class ReasonMapper:
         """
         x = np.asarray(features, dtype=np.float64)
         ok = np.ones((len(x), len(self.codes)), dtype=bool)
-        for group, checks in self._claims:
-            holds = np.zeros(len(x), dtype=bool)
-            for j, test in checks:
-                v = x[:, j]
-                with np.errstate(invalid="ignore"):
-                    holds |= ~np.isnan(v) & test(v)
-            ok[:, group] = holds
+        if not len(self._claim_groups):
+            return ok
+        v = x[:, self._check_col]
+        passed = np.zeros(v.shape, dtype=bool)
+        with np.errstate(invalid="ignore"):
+            for op, which in self._check_ops:
+                if which.any():
+                    passed[:, which] = op(v[:, which], self._check_value[which])
+        passed &= ~np.isnan(v)
+        ok[:, self._claim_groups] = (passed.astype(np.float64) @ self._check_of_claim) > 0
         return ok
 
     def model_reasons(
@@ -256,9 +271,19 @@ class ReasonMapper:
             Per item, codes of groups with a summed contribution > 0, in descending order of that sum
             (ties: catalogue order). An item whose every group pulled its score down gets no model reason.
         """
+        return self.reasons_from_totals(self.group_contributions(contributions)[1], max_reasons, features)
+
+    def reasons_from_totals(
+        self, totals: np.ndarray, max_reasons: int = 3, features: np.ndarray | None = None
+    ) -> list[list[str]]:
+        """:meth:`model_reasons` from group totals ``(n_items, n_groups)`` (per-feature contributions times
+        :attr:`projection`, or the ranker's leaves summed in group space)."""
         if max_reasons < 0:
             raise ValueError(f"max_reasons must be >= 0, got {max_reasons}")
-        codes, totals = self.group_contributions(contributions)
+        codes = self.codes
+        totals = np.asarray(totals, dtype=np.float64)
+        if totals.ndim != 2 or totals.shape[1] != len(codes):
+            raise ValueError(f"group totals must be 2-D with {len(codes)} columns ({codes}), got shape {totals.shape}")
         if features is not None:
             totals = np.where(self.claims_hold(features), totals, -np.inf)
         k = min(max_reasons, len(codes))

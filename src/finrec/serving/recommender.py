@@ -249,9 +249,9 @@ class Recommender:
 
     def _items(self, model: ServingModel, mapper: ReasonMapper, ranked: Ranked,
                guard: GuardrailResult) -> list[dict[str, Any]]:  # fmt: skip
-        contrib = model.contributions(ranked.features, ranked.leaves)
-        model_codes = (mapper.model_reasons(contrib, self.max_reasons, features=ranked.features)
-                       if contrib is not None else [[] for _ in ranked.items])  # fmt: skip
+        totals = model.contributions(ranked.features, ranked.leaves, mapper.projection)
+        model_codes = (mapper.reasons_from_totals(totals, self.max_reasons, features=ranked.features)
+                       if totals is not None else [[] for _ in ranked.items])  # fmt: skip
         data = model.data
         out = []
         for rank, (p, score, odds, codes) in enumerate(

@@ -212,24 +212,30 @@ class ServingModel:
             order = np.arange(n)  # already in the serving source's order
             odds = approval_odds_of(X, self.names)
         else:
-            # The ranking core batch scoring uses; one pass over the trees also gives the leaves (the reasons).
-            _, final, odds, leaves = score_candidates(self.model.ranker if n else None, X, self.names,
-                                                      self.demote_below, with_leaves=True)  # fmt: skip
+            # The ranking core batch scoring uses; then the leaves of the rows returned only (their reasons).
+            ranker = self.model.ranker if n else None
+            _, final, odds = score_candidates(ranker, X, self.names, self.demote_below)
             order = np.argsort(-final, kind="stable")[:k]
+            if ranker is not None:
+                leaves = ranker.leaves(X[order])
         t4 = time.perf_counter()
         timings = {"retrieval": t1 - t0, "features": t2 - t1, "approval": t3 - t2, "ranker": t4 - t3}
         # Candidates considered: a single source scores every allowed product (as many as retrieval would take).
         considered = min(n_cand, int(allowed.sum())) if single or self.serve == "two_tower" else n
         return Ranked(items[order], final[order], odds[order], X[order], considered, timings,
-                      None if leaves is None else leaves[order])  # fmt: skip
+                      leaves)  # fmt: skip
 
-    def contributions(self, features: np.ndarray, leaves: np.ndarray | None = None) -> np.ndarray | None:
-        """Per-feature contributions of the ranker to each row's score (None without a ranker)."""
-        if self.model.ranker is None or not len(features):
+    def contributions(self, features: np.ndarray, leaves: np.ndarray | None = None,
+                      projection: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
+        """Per-feature contributions of the ranker to each row's score (None without a ranker); with
+        ``projection`` (n_features + 1, m), their projected sums (the reasons' group totals)."""
+        ranker = self.model.ranker
+        if ranker is None or not len(features):
             return None
         if leaves is not None:
-            return self.model.ranker.contributions_from_leaves(leaves)
-        return self.model.ranker.contributions(features)
+            return ranker.contributions_from_leaves(leaves, projection)
+        contrib = ranker.contributions(features)
+        return contrib if projection is None else contrib @ projection
 
     def warm_up(self, rows: np.ndarray) -> None:
         """Score a few customers end to end, so the first real request pays no lazy initialisation."""

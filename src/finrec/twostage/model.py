@@ -326,7 +326,7 @@ class TwoStageModel:
         X = np.zeros((0, 0))
         if len(q):
             X, names = self.pair_rows(builder, snap, users, allowed, history, q, qi, src)
-            raw[valid], final[valid], odds[valid], _ = score_candidates(self.ranker, X, names, demote_below)
+            raw[valid], final[valid], odds[valid] = score_candidates(self.ranker, X, names, demote_below)
         order = np.argsort(-final, axis=1, kind="stable")[:, :k]
         items = np.take_along_axis(cand, order, axis=1)
         scores = np.take_along_axis(final, order, axis=1)
@@ -423,24 +423,18 @@ def approval_odds_of(X: np.ndarray, names: list[str]) -> np.ndarray:
 
 
 def score_candidates(
-    ranker: Ranker | None, X: np.ndarray, names: list[str], demote_below: float, with_leaves: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(raw score, final score, approval odds, leaves) of candidate rows ``X`` (columns ``names``).
+    ranker: Ranker | None, X: np.ndarray, names: list[str], demote_below: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw score, final score, approval odds) of candidate rows ``X`` (columns ``names``).
 
     The ranker's score (the retrieval rank's opposite without a ranker); likely declines (approval odds below
     ``demote_below``) go below every other candidate, keeping their relative order: a decline costs the customer
-    a hard credit inquiry. ``with_leaves`` also returns each row's ranker leaves (the API's reasons).
+    a hard credit inquiry.
     """
-    leaves = None
-    if ranker is None:
-        raw = -X[:, names.index("retrieval_rank")].astype(np.float64)
-    elif with_leaves:
-        raw, leaves = ranker.predict_with_leaves(X)
-    else:
-        raw = ranker.predict(X)
+    raw = -X[:, names.index("retrieval_rank")].astype(np.float64) if ranker is None else ranker.predict(X)
     odds = approval_odds_of(X, names)
     final = np.where(np.nan_to_num(odds, nan=1.0) < demote_below, raw - 1e6, raw)
-    return raw, final, odds, leaves
+    return raw, final, odds
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

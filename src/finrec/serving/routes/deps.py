@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
@@ -25,7 +25,7 @@ api_key_header = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error
                               "(docs/security.md).")  # fmt: skip
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     service: Service | None = request.app.state.service
     if service is None:
         raise HTTPException(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
@@ -35,7 +35,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def needs(*scopes: str, browser: bool = False) -> Callable[..., Principal]:
+def needs(*scopes: str, browser: bool = False) -> Callable[..., Awaitable[Principal]]:
     """A dependency that returns the caller if its key has one of ``scopes``.
 
     ``browser``: a page people open in a browser, which cannot send the header: the key is also taken as the
@@ -44,7 +44,7 @@ def needs(*scopes: str, browser: bool = False) -> Callable[..., Principal]:
     scope = " or ".join(repr(s) for s in scopes)
     challenge = 'Basic realm="finrec: an API key as the password", charset="UTF-8"' if browser else "X-API-Key"
 
-    def caller(request: Request, key: Annotated[str | None, Security(api_key_header)] = None) -> Principal:
+    async def caller(request: Request, key: Annotated[str | None, Security(api_key_header)] = None) -> Principal:
         table: KeyTable = request.app.state.keys
         if not key and browser:
             key = _basic_password(request.headers.get("authorization", ""))
