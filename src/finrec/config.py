@@ -458,6 +458,12 @@ class ScheduleSettings(_Section):
         True, description="Retrain after a drift alert newer than the last training (the champion's "
         "registration or the last retrain job).",
     )
+    drift_retrain_min_hours: float = Field(
+        24.0, ge=0, description="With retrain_on_drift, at least this long after the retrain job's last start "
+        "before a drift alert starts another (hours; 0: at once). While drift persists, a champion retrained "
+        "mostly on data from before it keeps drifting, and every drift check would start another retrain; the "
+        "alert is acted on once the interval has passed, not dropped.",
+    )
     promote: bool = Field(
         False, description="Let a scheduled retrain promote its challenger when it passes the gate (never forced). "
         "Off: it is registered as challenger, for an A/B test or a promotion by hand.",

@@ -4,6 +4,7 @@ dead-letter file, notifying on transitions, no customer data in an alert, the Pr
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -154,6 +155,25 @@ def test_retrain_is_due_after_a_drift_alert_newer_than_the_last_training(
     assert due("retrain", s, None, now=1_000_000.0 + 7 * 86_400) == "every 7 d"
 
 
+def test_a_drift_alert_waits_for_the_interval_after_the_last_retrain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While drift persists, every check against the freshly retrained champion alerts again: at most one
+    drift-triggered retrain per ``drift_retrain_min_hours``, and the waiting alert is acted on afterwards."""
+    import finrec.jobs.scheduler as sched
+
+    s = settings(tmp_path, schedule={"retrain_on_drift": True, "drift_retrain_min_hours": 6})
+    ran = 1_000_000.0  # the retrain job's last start, which is also the last training
+    monkeypatch.setattr(sched, "last_training", lambda settings, last: ran)
+    AlertLog(alerts_path(s.workspace)).append({"kind": "drift", "time": "1970-01-12T14:46:40+00:00"})  # ran + 1 h
+    assert due("retrain", s, ran, now=ran + 2 * 3600) is None  # alerted again 1 h after the retrain: it waits
+    assert due("retrain", s, ran, now=ran + 6 * 3600 - 1) is None
+    assert due("retrain", s, ran, now=ran + 6 * 3600).startswith("drift alert of 1970-01-12T14:46:40")
+    assert due("retrain", s, None, now=ran + 2 * 3600).startswith("drift alert of")  # never retrained: at once
+    at_once = settings(tmp_path, schedule={"retrain_on_drift": True, "drift_retrain_min_hours": 0})
+    assert due("retrain", at_once, ran, now=ran + 2 * 3600).startswith("drift alert of")
+
+
 def test_a_job_runs_once_per_due_time_and_every_run_is_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,6 +295,7 @@ def test_rollup_job_alerts_on_empty_answers_and_clears_with_hysteresis(tmp_path:
     assert rollup(s, Alerter(s)).outcome == "ok"
     assert [(a["kind"], a["status"]) for a in r.received] == [("guardrail_health", "firing"),
                                                                ("guardrail_health", "resolved")]
-    assert "c7" not in json.dumps(r.received)
+    sent = json.dumps(r.received)  # no customer id (as a word: alerts carry random hex keys) and no pseudonym
+    assert re.search(r"\bc7\b", sent) is None and pseudonymise("c7", key) not in sent
     totals = read_section(s.workspace, "conversion")["totals"]
     assert totals[0]["model_version"] == "v1" and totals[0]["impressions"] == 200  # attributed via the audit log

@@ -11,7 +11,8 @@ When a job is due (:func:`due`), with ``schedule`` the settings' ``[schedule]``:
 * ``rollup``: ``rollup_every_minutes`` after its last start (at once the first time);
 * ``drift-check``: ``drift_check_every_hours`` after its last start (at once the first time);
 * ``retrain``: ``retrain_every_days`` after the last training (its last start, or the newest registered
-  version when later), or, with ``retrain_on_drift``, when a drift alert is newer than that.
+  version when later), or, with ``retrain_on_drift``, when a drift alert is newer than that and the job last
+  started at least ``drift_retrain_min_hours`` ago (the first time: at once).
 
 :class:`Scheduler` loops over the enabled jobs every ``tick_seconds``, in the order rollup, drift-check,
 retrain (a drift alert is acted on in the same round), one job at a time.
@@ -117,6 +118,8 @@ def due(job: str, settings: FinrecSettings, last_start: float | None, now: float
         drift = [a for a in read_alerts(alerts_path(settings.workspace), 200) if a.get("kind") == "drift"]
         newest = _iso_ts(drift[-1].get("time")) if drift else None
         if newest is not None and newest >= trained:
+            if last_start is not None and now - last_start < s.drift_retrain_min_hours * 3600:
+                return None  # a retrain ran lately: this alert waits for the interval (no retrain storm)
             return f"drift alert of {drift[-1].get('time')}"
     return None
 
