@@ -218,22 +218,29 @@ def get_json(url: str, timeout: float = 10) -> tuple[int, Any]:
 API_KEY = uuid.uuid4().hex + uuid.uuid4().hex
 
 
-def start_server(ws: Path, data: Path, model: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(ws: Path, data: Path, model: Path, src: Path | None = None,
+                 log_name: str = "serve.log") -> tuple[subprocess.Popen[bytes], str]:  # fmt: skip
+    """``finrec serve`` on the world and bundle, ready to answer. ``src``: a checkout of another revision, whose
+    ``src/`` serves instead of this one (benchmarks/bench_serve_ab.py); one before API keys gets no key."""
     for stale in (ws / "audit" / "audit.jsonl", ws / "events.db"):  # the last run's answers and events
         stale.unlink(missing_ok=True)
     port = free_port()
-    env = {**os.environ, "FINREC_WORKSPACE": str(ws.resolve()), "FINREC_SERVE__CLOCK": "data",
-           "FINREC_SERVE__API_KEY": API_KEY}  # every scope, no rate limit  # fmt: skip
-    cmd = [sys.executable, "-m", "finrec", "serve", "--model-dir", str(model), "--data", str(data),
-           "--port", str(port), "--workers", "1"]  # fmt: skip
-    with open(ws / "serve.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    env = {**os.environ, "FINREC_WORKSPACE": str(ws.resolve()), "FINREC_SERVE__CLOCK": "data"}
+    if src is not None:
+        env["PYTHONPATH"] = str(src.resolve() / "src")
+    if src is None or (src / "src" / "finrec" / "serving" / "auth.py").is_file():
+        env["FINREC_SERVE__API_KEY"] = API_KEY  # every scope, no rate limit
+    cmd = [sys.executable, "-m", "finrec", "serve", "--model-dir", str(model.resolve()), "--data",
+           str(data.resolve()), "--port", str(port), "--workers", "1"]  # fmt: skip
+    log_path = ws / log_name
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=src)
     base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     last = 0.0
     while True:
         if proc.poll() is not None:
-            tail = (ws / "serve.log").read_text(errors="replace")[-3000:]
+            tail = log_path.read_text(errors="replace")[-3000:]
             raise SystemExit(f"finrec serve exited ({proc.returncode}) before it was ready:\n{tail}")
         try:
             status, body = get_json(f"{base}/ready", timeout=5)
@@ -246,7 +253,7 @@ def start_server(ws: Path, data: Path, model: Path) -> tuple[subprocess.Popen[by
         waited = time.monotonic() - t0
         if waited > 1200:
             stop_server(proc)
-            raise SystemExit(f"{base}/ready did not answer within 20 minutes; see {ws / 'serve.log'}")
+            raise SystemExit(f"{base}/ready did not answer within 20 minutes; see {log_path}")
         if waited - last >= 10:
             log(f"waiting for {base}/ready ({waited:.0f} s; loading the data and embedding every customer) ...")
             last = waited

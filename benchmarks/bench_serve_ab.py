@@ -28,14 +28,11 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 
 def _bench_serve() -> Any:
@@ -75,36 +72,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def start(name: str, src: Path, ws: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``finrec serve`` of the code in ``src`` on the workspace's world and bundle; waits until it is ready."""
-    ws = ws.resolve()
-    for stale in (ws / "audit" / "audit.jsonl", ws / "events.db"):
-        stale.unlink(missing_ok=True)
-    port = bs.free_port()
-    env = {**os.environ, "PYTHONPATH": str(src.resolve() / "src"), "FINREC_WORKSPACE": str(ws),
-           "FINREC_SERVE__CLOCK": "data"}  # fmt: skip
-    if (src / "src" / "finrec" / "serving" / "auth.py").is_file():
-        env["FINREC_SERVE__API_KEY"] = bs.API_KEY
-    cmd = [sys.executable, "-m", "finrec", "serve", "--model-dir", str(ws / "model"), "--data", str(ws / "data"),
-           "--port", str(port), "--workers", "1"]  # fmt: skip
-    with open(ws / f"serve-ab-{name}.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=src)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 1200
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name}: finrec serve exited ({proc.returncode}); see {ws / f'serve-ab-{name}.log'}")
-        try:
-            if bs.get_json(f"{base}/ready", timeout=5)[0] == 200:
-                bs.log(f"{name}: ready at {base}")
-                return proc, base
-        except OSError:
-            pass
-        time.sleep(1)
-    bs.stop_server(proc)
-    raise SystemExit(f"{name}: /ready did not answer within 20 minutes")
-
-
 def main() -> None:
     args = parse_args()
     ids = bs.customer_ids(args.workspace / "data")
@@ -113,13 +80,14 @@ def main() -> None:
     (script_dir / "ids.txt").write_text("\n".join(ids) + "\n")
     script = script_dir / "recommend_ab.lua"
     script.write_text(bs.LUA % {"k": args.k, "ids": json.dumps(str((script_dir / "ids.txt").resolve()))})
-    sides = {"baseline": (args.baseline, args.baseline_workspace), "this code": (REPO, args.workspace)}
+    sides = {"baseline": (args.baseline, args.baseline_workspace), "this code": (None, args.workspace)}
     procs: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     try:
         bases = {}
         for name, (src, ws) in sides.items():
-            procs[name], bases[name] = start(name, src, ws)
+            bs.log(f"starting {name} ({src}) ...")
+            procs[name], bases[name] = bs.start_server(ws, ws / "data", ws / "model", src, f"serve-ab-{name}.log")
         for base in bases.values():  # warm-up, not measured
             bs.run_wrk(base, "recommend", 1, 3, args, script)
         order = list(sides)

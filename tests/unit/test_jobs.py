@@ -174,6 +174,15 @@ def test_a_drift_alert_waits_for_the_interval_after_the_last_retrain(
     assert due("retrain", at_once, ran, now=ran + 2 * 3600).startswith("drift alert of")
 
 
+def test_a_negative_drift_retrain_interval_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    from finrec.config import load_settings
+
+    cfg = tmp_path / "finrec.toml"
+    cfg.write_text("[schedule]\ndrift_retrain_min_hours = -1\n")
+    with pytest.raises(ConfigError, match=r"schedule.drift_retrain_min_hours"):
+        load_settings(cfg)
+
+
 def test_a_job_runs_once_per_due_time_and_every_run_is_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -151,15 +151,12 @@ class SourceSet:
                  items: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
         """``src_<name>`` and ``src_<name>_rank`` of pairs (row ``q[i]`` of the block, product ``items[i]``)."""
         out: dict[str, np.ndarray] = {}
-        if allowed.shape[0] == 1 and scores:  # one customer (a request): every source's ranks in one call
-            ranks = ranks_among(np.vstack([s[0] for s in scores.values()]), np.broadcast_to(allowed, (len(scores),
-                                allowed.shape[1])))  # fmt: skip
-            for j, (name, s) in enumerate(scores.items()):
-                out[f"src_{name}"] = s[q, items].astype(np.float32)
-                out[f"src_{name}_rank"] = ranks[j, items].astype(np.float32)
-            return out
-        for name, s in scores.items():  # float32: what the ranker reads (the cast is the same one, done earlier)
-            ranks = ranks_among(s, allowed)
+        one = None  # one customer (a request): every source's ranks in one call, a row each
+        if allowed.shape[0] == 1 and scores:
+            one = ranks_among(np.vstack([s[0] for s in scores.values()]),
+                              np.broadcast_to(allowed, (len(scores), allowed.shape[1])))  # fmt: skip
+        for j, (name, s) in enumerate(scores.items()):  # float32: what the ranker reads (the same cast as earlier)
+            ranks = ranks_among(s, allowed) if one is None else one[j : j + 1]
             out[f"src_{name}"] = s[q, items].astype(np.float32)
             out[f"src_{name}_rank"] = ranks[q, items].astype(np.float32)
         return out

@@ -182,10 +182,10 @@ class ReasonMapper:
         self.codes = [c for c in REASON_CODES if c in present]
         index = {c: j for j, c in enumerate(self.codes)}
         self.group_index = np.array([index[g] for g in groups], dtype=np.int64)
-        self._onehot = np.zeros((len(self.feature_names), len(self.codes)))
-        self._onehot[np.arange(len(groups)), self.group_index] = 1.0
-        #: (n_features + 1, n_groups): per-feature contributions (bias last) times this are the group totals.
-        self.projection = np.vstack([self._onehot, np.zeros((1, len(self.codes)))])
+        #: (n_features + 1, n_groups) 0/1: per-feature contributions (bias last, mapped nowhere) times this are the
+        #: group totals.
+        self.projection = np.zeros((len(self.feature_names) + 1, len(self.codes)))
+        self.projection[np.arange(len(groups)), self.group_index] = 1.0
         col = {n: j for j, n in enumerate(self.feature_names)}
         # Resolved once, as arrays, so a request checks every claim in a few vector operations: each check's
         # feature column, comparison and threshold, and which group it vouches for (any one check suffices).
@@ -194,7 +194,7 @@ class ReasonMapper:
         checks = [(i, col[name], op, v) for i, (_, cs) in enumerate(claimed) for name, op, v in cs if name in col]
         self._check_col = np.array([c[1] for c in checks], dtype=np.int64)
         self._check_value = np.array([c[3] for c in checks], dtype=np.float64)
-        self._check_ops = [(_OPS[op], np.array([c[2] == op for c in checks])) for op in _OPS]
+        self._check_ops = [(_OPS[op], np.array([c[2] == op for c in checks], dtype=bool)) for op in _OPS]
         self._check_of_claim = np.zeros((len(checks), len(claimed)))
         self._check_of_claim[np.arange(len(checks)), [c[0] for c in checks]] = 1.0
 
@@ -224,7 +224,7 @@ class ReasonMapper:
                 f"contributions must be 2-D with {n} (features) or {n + 1} (features + bias) columns, "
                 f"got shape {c.shape}; was the ranker trained on other features than this mapper?"
             )
-        return list(self.codes), c[:, :n] @ self._onehot
+        return list(self.codes), c[:, :n] @ self.projection[:n]
 
     def claims_hold(self, features: np.ndarray) -> np.ndarray:
         """(n_items, n_groups) bool: False where a group's text would state something the item's values deny.
@@ -238,8 +238,6 @@ class ReasonMapper:
         """
         x = np.asarray(features, dtype=np.float64)
         ok = np.ones((len(x), len(self.codes)), dtype=bool)
-        if not len(self._claim_groups):
-            return ok
         v = x[:, self._check_col]
         passed = np.zeros(v.shape, dtype=bool)
         with np.errstate(invalid="ignore"):
