@@ -5,6 +5,9 @@
 :class:`~finrec.serving.auth.Principal`: 401 without a known key, 403 without the scope, 429 over the rate.
 The key is checked before anything else, so an unauthenticated caller learns nothing, not even whether the
 model has loaded.
+
+Both dependencies are ``async``: they do no I/O (the key table and the rate limiter live in memory), and FastAPI
+runs a sync dependency in its thread pool, one hand-off per dependency per request.
 """
 
 from __future__ import annotations
