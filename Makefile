@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint browser-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle \
+.PHONY: demo test test-fast lint browser-deps spark-deps bench-generate bench-train bench-quality bench-serve bench-lifecycle \
 	bench-security bench-monitoring bench-first-answer public-data bench-public clean
 
 # apt-get install the Debian packages $(1) unless every program in $(2) (names or paths) is there: quietly, with
@@ -28,7 +28,7 @@ endef
 # Re-install when pyproject.toml changes. torch is pinned to 2.13.0 (a CPU build on local disk).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev,redis]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,redis,spark]'
 	touch $(STAMP)
 
 # The demo needs the package alone (no test tools, no Redis client), and byte-compiles modules as it imports them
@@ -56,6 +56,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+
+## Java 17 for the Spark engine's tests in local mode (Debian's openjdk-17-jre-headless), when no java is here.
+spark-deps:
+	$(call apt_install,openjdk-17-jre-headless,java)
 
 ## Headless Chromium and its driver, for the Swagger UI browser test (Debian's chromium and chromium-driver).
 browser-deps:

@@ -40,3 +40,21 @@ def tiny_model(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("models") / "tiny"
     pipeline.train(tiny_world, out, FinrecSettings(train=TINY_TRAIN), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def spark() -> object:
+    """One local[2] Spark session for every Spark test (it takes 6-15 s to start); skipped without PySpark or Java."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        pytest.skip("PySpark is not installed: `pip install -e '.[spark]'` (make test installs it)")
+    from finrec.config import EngineSettings
+    from finrec.engine.spark import java_available, spark_session
+
+    if not java_available():
+        pytest.skip("no Java here: the Spark tests need Java 17 (`make spark-deps` installs Debian's)")
+    session = spark_session(EngineSettings(name="spark", spark_master="local[2]", spark_partitions=4,
+                                           spark_driver_memory="2g"))  # fmt: skip
+    yield session
+    session.stop()

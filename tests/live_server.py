@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from finrec.config import FinrecSettings
 from finrec.testing import REDIS_TEST_URL, TEST_API_KEY
 
 #: The servers' ``serve.api_key``: the key named ``admin``, with every scope (recommend, events:trusted, ...).
@@ -45,6 +46,15 @@ def server_env(workspace: Path, extra: Mapping[str, str] | None = None) -> dict[
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINREC_")}
     own = {"FINREC_SERVE__API_KEY": API_KEY, "FINREC_WORKSPACE": str(workspace), "COLUMNS": "200"}
     return env | own | dict(extra or {})
+
+
+def clean_settings(workspace: Path, **values: Any) -> FinrecSettings:
+    """Settings of ``values`` and the defaults alone: this process's ``FINREC_*`` variables are ignored."""
+    saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("FINREC_")]}
+    try:
+        return FinrecSettings(workspace=workspace, **values)
+    finally:
+        os.environ.update(saved)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -74,6 +74,33 @@ class EventSettings(_Section):
     )
 
 
+class EngineSettings(_Section):
+    """Which engine runs the offline stages: embedded DuckDB (one machine) or Apache Spark (a cluster)."""
+
+    name: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="`duckdb` (default): embedded, one machine, no server. `spark`: Apache Spark, for "
+        "customer bases one machine cannot hold (`pip install 'finrec[spark]'` and Java 17).",
+    )
+    spark_master: str = Field(
+        "local[2]", description="Spark master URL: local[N] on this machine, or the cluster's (yarn, "
+        "spark://host:7077, k8s://...). Ignored under spark-submit or Databricks, whose session is used.",
+    )
+    spark_driver_memory: str = Field("4g", description="Memory of the Spark driver (spark.driver.memory).")
+    spark_partitions: int = Field(
+        200, ge=1, le=100_000, description="Partitions of shuffles (spark.sql.shuffle.partitions) in a session "
+        "finrec starts: Spark's own default, which adaptive execution merges when they are small. Raise it with the "
+        "data so that one partition's aggregation fits a task's memory.",
+    )
+    sample_customers: int = Field(
+        1_000_000, ge=1_000, description="With spark, `finrec train` and `finrec evaluate` run on this many "
+        "customers at most, taken whole by a seeded hash of their id; every customer still counts in the "
+        "catalogue's statistics (demand, conversion, holders) and in the candidate sources at recommendation.",
+    )
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict, description="Further Spark settings, e.g. {\"spark.executor.memory\" = \"8g\"}.",
+    )
+
+
 class ValidationSettings(_Section):
     """Tolerances of `finrec validate`."""
 
@@ -169,6 +196,17 @@ class TrainSettings(_Section):
     max_retrieval_pairs: int = Field(
         400_000, ge=1_000, description="Positive pairs the two-tower learns from at most (a seeded sample above)."
     )
+    max_ranker_rows: int = Field(
+        2_000_000,
+        ge=1_000,
+        description="Rows of the ranker's training table at most, over every ranker window and the guard's refit: "
+        "whole customers are sampled (seeded) to fit, so its memory follows this budget, not the customer count "
+        "(at about 0.5 KB a row). Under it, max_ranker_queries alone decides.",
+    )
+    max_approval_applications: int = Field(
+        500_000, ge=1_000, description="Decided applications the approval odds learn from at most (a seeded sample "
+        "above, in time order)."
+    )
     ranker_rows: Literal["shown", "retrieved"] = Field(
         "shown",
         description="Ranker training rows: `shown` = what each customer was shown in the window (learns preference "
@@ -207,6 +245,14 @@ class ServeSettings(_Section):
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     workers: int = Field(1, ge=1, le=64, description="Server processes (each loads the model).")
+    keep_alive_seconds: float = Field(
+        75,
+        gt=0,
+        le=3600,
+        description="How long an idle keep-alive connection stays open. Keep it longer than the idle timeout of "
+        "any client or proxy in front (httpx 5 s, AWS ALB 60 s): the side that closes first must be the caller, or a "
+        "request sent on a connection the server is closing at that moment is reset.",
+    )
     model_dir: Path | None = Field(None, description="Model bundle to serve (`finrec serve --model-dir`).")
     data: Path | None = Field(
         None,
@@ -252,6 +298,13 @@ class ServeSettings(_Section):
         description="Online features (recent events per customer, live product counts): `memory://` (this process; "
         "rebuilt from the event store at start-up), `sqlite:///path.db` (one host) or `redis://host:6379/0` "
         "(shared by every worker and replica: a decline posted to one is seen by all).",
+    )
+    customer_features: str | None = Field(
+        None,
+        description="Read each customer's features per request from Redis, where `finrec materialize` wrote them "
+        "(`redis://host:6379/0`, optionally `?prefix=name`): a worker then loads no customer at start-up (the "
+        "catalogue, rules, model and index only), so replicas start in the same time and memory for any number "
+        "of customers. Unset: every worker builds the customers' snapshot from --data.",
     )
     max_events_per_request: int = Field(1000, ge=1, le=100_000, description="Largest POST /events batch.")
     max_body_bytes: int = Field(
@@ -610,6 +663,7 @@ class FinrecSettings(BaseSettings):
         default_factory=lambda: ["gender"],
         description="User columns never used as model features; used only to audit fairness.",
     )
+    engine: EngineSettings = Field(default_factory=lambda: EngineSettings())
     events: EventSettings = Field(default_factory=EventSettings)
     validation: ValidationSettings = Field(default_factory=lambda: ValidationSettings())
     generate: GenerateSettings = Field(default_factory=lambda: GenerateSettings())

@@ -30,10 +30,12 @@ def _load(data: Path, settings: FinrecSettings) -> Dataset:
     return load_dataset(data, future_tolerance_seconds=settings.validation.future_tolerance_seconds)
 
 
-def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool = True) -> dict[str, Any]:
+def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool = True,
+          dataset: Dataset | None = None) -> dict[str, Any]:  # fmt: skip
     """Validate ``data``, train the two-stage model, write the bundle to ``model_dir``; returns the manifest.
 
-    An existing model bundle at ``model_dir`` is replaced atomically; any other non-empty folder is refused.
+    ``dataset``: ``data`` already loaded (a sample of its customers drawn by Spark). An existing model bundle at
+    ``model_dir`` is replaced atomically; any other non-empty folder is refused.
     """
     from finrec.monitoring.reference import REFERENCE_DIR, sample_features
     from finrec.twostage.train import train_two_stage
@@ -41,7 +43,7 @@ def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool 
     if model_dir.is_dir() and any(model_dir.iterdir()) and not (model_dir / "model.json").is_file():
         raise ArtifactError(f"{model_dir} exists and is not a finrec model bundle", hint="choose an empty --model-dir")
     t0 = time.perf_counter()
-    ds = _load(data, settings)
+    ds = _load(data, settings) if dataset is None else dataset
     load_s = time.perf_counter() - t0
     model, report = train_two_stage(ds, settings, progress=progress)
     version = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{ds.fingerprint[:8]}"
@@ -112,62 +114,21 @@ def recommend(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Batch recommendations for the listed users at the end of ``data``; writes CSV or Parquet."""
-    from tqdm import tqdm
-
-    from finrec.data.dataset import ETYPE
     from finrec.features.builder import FeatureBuilder
-    from finrec.twostage.train import allowed_mask, rules_for
 
-    if exclude not in ("held", "interacted", "none"):
-        raise FinrecError(f"unknown --exclude {exclude!r}", hint="use held, interacted or none")
-    if not 1 <= k <= 1000:
-        raise FinrecError(f"--k {k} is out of range", hint="use 1 <= k <= 1000")
-    suffix = "".join(output.suffixes[-1:]).lower()
-    if suffix not in (".csv", ".parquet"):
-        raise FinrecError(f"--output {output} must end in .csv or .parquet")
+    suffix = check_recommend_request(k, exclude, output)
     model, manifest = load_model(model_dir)
     ids = read_user_ids(users_file)
     ds = _load(data, settings)
-    builder = FeatureBuilder(ds, settings.protected_attributes)
     cutoff = ds.time_range[1] + 1
-    snap = builder.snapshot(cutoff)
-    history = builder.history(cutoff, model.config.history_length)
-    rules = rules_for(ds, settings)
+    builder = FeatureBuilder(ds, settings.protected_attributes)
     rows = ds.user_rows(ids)
     known = rows >= 0
-    interacted = None
-    if exclude == "interacted":
-        ev = ds.events
-        interacted = np.unique(np.column_stack([ev.user, ev.product])[ev.etype != ETYPE["close"]], axis=0)
-    parts: list[pd.DataFrame] = []
-    known_rows = rows[known]
-    known_ids = np.asarray(ids, dtype=object)[known]
-    for start in tqdm(range(0, len(known_rows), 2000), desc="recommending", unit="block", disable=not progress):
-        bu = known_rows[start : start + 2000]
-        allowed = allowed_mask(rules, snap, bu, ds.n_products, exclude, interacted)
-        rec = model.recommend(builder, snap, bu, allowed, k, history, with_features=False)
-        m = rec.items >= 0  # fewer than k allowed products: fewer rows, never a back-fill
-        parts.append(pd.DataFrame({
-            "user_id": np.repeat(known_ids[start : start + 2000], m.sum(axis=1)),
-            "rank": np.cumsum(m, axis=1)[m],
-            "item": rec.items[m],
-            "score": rec.scores[m],
-        }))  # fmt: skip
+    parts = [recommend_rows(model, builder, settings, cutoff, rows[known], k, exclude, progress)]
     unknown_ids = np.asarray(ids, dtype=object)[~known].tolist()
     if unknown_ids:
-        # Customers the data does not know: no profile, so only products without rules that need one.
-        empty = pd.DataFrame({c: [np.nan] for c in ds.users.columns if c != "user_id"})
-        cold = rules_for(ds, settings, users=empty)
-        ok = cold.allowed(np.zeros(1, dtype=np.int64), at=cutoff)[0]
-        pop = model.popularity_scores(builder)
-        order = np.asarray([i for i in np.argsort(-pop, kind="stable") if ok[i]][:k], dtype=np.int64)
-        parts.append(pd.DataFrame({
-            "user_id": np.repeat(np.asarray(unknown_ids, dtype=object), len(order)),
-            "rank": np.tile(np.arange(1, len(order) + 1), len(unknown_ids)),
-            "item": np.tile(order, len(unknown_ids)),
-            "score": np.tile(pop[order], len(unknown_ids)),
-        }))  # fmt: skip
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["user_id", "rank", "item", "score"])
+        parts.append(recommend_unknown(model, builder, settings, cutoff, unknown_ids, k))
+    frame = pd.concat(parts, ignore_index=True)
     pid = ds.products["product_id"].to_numpy()
     frame.insert(2, "product_id", pid[frame.pop("item").to_numpy(np.int64)])
     for col in ("user_id", "product_id"):
@@ -181,6 +142,79 @@ def recommend(
     tmp.replace(output)
     return {"users": len(ids), "unknown_users": len(unknown_ids), "rows": len(frame),
             "model_version": manifest["metrics"].get("model_version"), "output": str(output)}  # fmt: skip
+
+
+def check_recommend_request(k: int, exclude: str, output: Path) -> str:
+    """Refuse a batch request that cannot run (either engine), before any work; returns the output's suffix."""
+    if exclude not in ("held", "interacted", "none"):
+        raise FinrecError(f"unknown --exclude {exclude!r}", hint="use held, interacted or none")
+    if not 1 <= k <= 1000:
+        raise FinrecError(f"--k {k} is out of range", hint="use 1 <= k <= 1000")
+    suffix = "".join(output.suffixes[-1:]).lower()
+    if suffix not in (".csv", ".parquet"):
+        raise FinrecError(f"--output {output} must end in .csv or .parquet")
+    return suffix
+
+
+def recommend_rows(model: TwoStageModel, builder: Any, settings: FinrecSettings, cutoff: int, rows: np.ndarray,
+                   k: int, exclude: str = "held", progress: bool = False,
+                   sources: Any = None) -> pd.DataFrame:  # fmt: skip
+    """Top ``k`` of each customer row of ``builder.ds`` at ``cutoff``: (user_id, rank, item, score) rows.
+
+    The batch path of `finrec recommend`, on the whole dataset (embedded) or on one partition of customers
+    (Spark: the builder then takes the catalogue's statistics from outside, and ``sources`` are the candidate
+    sources fitted at ``cutoff`` on every customer's positives). Fewer than ``k`` allowed products give fewer
+    rows, never a back-fill.
+    """
+    from tqdm import tqdm
+
+    from finrec.data.dataset import ETYPE
+    from finrec.twostage.train import allowed_mask, rules_for
+
+    ds = builder.ds
+    snap = builder.snapshot(cutoff)
+    if sources is not None:
+        model.set_sources(snap, sources)
+    history = builder.history(cutoff, model.config.history_length)
+    rules = rules_for(ds, settings)
+    interacted = None
+    if exclude == "interacted":
+        ev = ds.events
+        interacted = np.unique(np.column_stack([ev.user, ev.product])[ev.etype != ETYPE["close"]], axis=0)
+    ids = ds.users["user_id"].to_numpy()
+    parts = [pd.DataFrame({"user_id": pd.Series([], dtype=object), "rank": np.empty(0, np.int64),
+                           "item": np.empty(0, np.int64), "score": np.empty(0)})]  # fmt: skip
+    for start in tqdm(range(0, len(rows), 2000), desc="recommending", unit="block", disable=not progress):
+        bu = rows[start : start + 2000]
+        allowed = allowed_mask(rules, snap, bu, ds.n_products, exclude, interacted)
+        rec = model.recommend(builder, snap, bu, allowed, k, history, with_features=False)
+        m = rec.items >= 0
+        parts.append(pd.DataFrame({
+            "user_id": np.repeat(ids[bu], m.sum(axis=1)),
+            "rank": np.cumsum(m, axis=1)[m],
+            "item": rec.items[m],
+            "score": rec.scores[m],
+        }))  # fmt: skip
+    return pd.concat(parts, ignore_index=True)
+
+
+def recommend_unknown(model: TwoStageModel, builder: Any, settings: FinrecSettings, cutoff: int,
+                      unknown_ids: list[str], k: int) -> pd.DataFrame:  # fmt: skip
+    """Customers the data does not know: no profile, so the most popular products without rules that need one."""
+    from finrec.twostage.train import rules_for
+
+    ds = builder.ds
+    empty = pd.DataFrame({c: [np.nan] for c in ds.users.columns if c != "user_id"})
+    cold = rules_for(ds, settings, users=empty)
+    ok = cold.allowed(np.zeros(1, dtype=np.int64), at=cutoff)[0]
+    pop = model.popularity_scores(builder)
+    order = np.asarray([i for i in np.argsort(-pop, kind="stable") if ok[i]][:k], dtype=np.int64)
+    return pd.DataFrame({
+        "user_id": np.repeat(np.asarray(unknown_ids, dtype=object), len(order)),
+        "rank": np.tile(np.arange(1, len(order) + 1), len(unknown_ids)),
+        "item": np.tile(order, len(unknown_ids)),
+        "score": np.tile(pop[order], len(unknown_ids)),
+    })  # fmt: skip
 
 
 def ids_for_output(ids: pd.Series) -> pd.Series:
@@ -198,16 +232,18 @@ def ids_for_output(ids: pd.Series) -> pd.Series:
 
 
 def evaluate(model_dir: Path, data: Path, output: Path, settings: FinrecSettings, ground_truth: Path | None = None,
-             progress: bool = True, split: TemporalSplit | None = None) -> dict[str, Any]:  # fmt: skip
+             progress: bool = True, split: TemporalSplit | None = None,
+             dataset: Dataset | None = None) -> dict[str, Any]:  # fmt: skip
     """Offline evaluation to ``output`` (JSON) and an HTML report next to it (same name, .html).
 
-    ``split`` fixes the held-out window (default: the model's own); see :func:`evaluate_model`.
+    ``split`` fixes the held-out window (default: the model's own); see :func:`evaluate_model`. ``dataset``:
+    ``data`` already loaded (a sample of its customers drawn by Spark).
     """
     from finrec.evaluation.html import write_html_report
     from finrec.evaluation.offline import evaluate_model
 
     model, manifest = load_model(model_dir)
-    ds = _load(data, settings)
+    ds = _load(data, settings) if dataset is None else dataset
     if ground_truth is None and (data / "ground_truth" / "world.json").is_file():
         ground_truth = data / "ground_truth"
     report, figures = evaluate_model(ds, model, settings, ground_truth=ground_truth, progress=progress,

@@ -193,3 +193,17 @@ def test_keygen_prints_a_key_and_its_hash(tmp_path: Path) -> None:
     shown = finrec("config", "show", "--format", "json", cwd=tmp_path)
     assert json.loads(shown.stdout)["auth"]["keys"][0]["scopes"] == ["recommend", "events"], shown.stderr
     assert_clean_failure(finrec("keygen", "-s", "everything"), 2, "unknown scope")
+
+
+def test_engine_flags_refuse_bad_requests_before_any_work(tmp_path: Path) -> None:
+    # An unknown engine, and a Spark batch request that cannot run, are refused before validation or Spark starts.
+    m, d, u = str(tmp_path / "m"), str(tmp_path / "d"), str(tmp_path / "u.txt")
+    assert_clean_failure(finrec("recommend", "--engine", "flink", "-m", m, "-d", d, "-u", u, "-o", "r.csv"), 2,
+                         "unknown --engine 'flink'", "duckdb, spark")  # fmt: skip
+    assert_clean_failure(finrec("recommend", "--engine", "spark", "-k", "0", "-m", m, "-d", d, "-u", u, "-o", "r.csv"),
+                         2, "--k 0 is out of range")  # fmt: skip
+    assert_clean_failure(finrec("recommend", "--engine", "spark", "-m", m, "-d", d, "-u", u, "-o", "r.json"), 2,
+                         "must end in .csv or .parquet")  # fmt: skip
+    assert_clean_failure(finrec("features", "-d", d, "-o", str(tmp_path / "f"), "--cutoff", "someday"), 2,
+                         "--cutoff 'someday' is not a time")  # fmt: skip
+    assert not (tmp_path / "f").exists()

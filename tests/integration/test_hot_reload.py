@@ -183,6 +183,24 @@ def test_reload_of_a_damaged_ranker_file_is_refused_the_server_survives_and_logs
     _assert_json_logs(srv.stderr_path.read_text())
 
 
+def test_idle_keep_alive_connections_are_closed_by_the_server_after_the_setting(
+    server_factory: ServerFactory, tiny_model: Path, tiny_world: Path
+) -> None:
+    """``serve.keep_alive_seconds`` reaches uvicorn: an idle connection is closed after it and not before. (Its
+    default, 75 s, outlasts the idle timeouts of clients and proxies, so they close first and never send on a
+    connection the server is closing; uvicorn's own 5 s equals httpx's and raced it, a reset in CI.)"""
+    srv = server_factory(tiny_model, tiny_world, env={"FINREC_SERVE__KEEP_ALIVE_SECONDS": "2"})
+    srv.wait_ready()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = conn.recv(65536)
+        idle_from = time.monotonic()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        closed = conn.recv(65536)  # blocks until the server closes the idle connection (or 60 s)
+        idle = time.monotonic() - idle_from
+    assert closed == b"" and idle >= 1.9, (closed[:200], idle)
+
+
 def test_serve_without_a_model_bundle_exits_2_with_a_clear_message(tiny_world: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     res = subprocess.run(

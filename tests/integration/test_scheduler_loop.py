@@ -22,9 +22,6 @@ from typing import Any
 import httpx
 import pytest
 
-from finrec import pipeline
-from finrec.config import FinrecSettings
-from finrec.data.synthetic.generate import WorldConfig, generate_world
 from finrec.jobs.history import JobHistory, history_path
 from finrec.registry import ModelRegistry
 from live_server import ADMIN, API_KEY, ServerFactory, samples, server_env
@@ -62,13 +59,6 @@ def receiver() -> Iterator[Receiver]:
     r.server.shutdown()
 
 
-def clean_settings(workspace: Path, **kw: Any) -> FinrecSettings:
-    with pytest.MonkeyPatch.context() as mp:
-        for name in [k for k in os.environ if k.startswith("FINREC_")]:
-            mp.delenv(name)
-        return FinrecSettings(workspace=workspace, **kw)
-
-
 def wait_for(what: str, check: Any, timeout: float, procs: list[subprocess.Popen[bytes]], every: float = 2.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,19 +72,16 @@ def wait_for(what: str, check: Any, timeout: float, procs: list[subprocess.Popen
 
 
 def test_scheduler_checks_drift_alerts_retrains_and_a_second_scheduler_runs_nothing_twice(
-    server_factory: ServerFactory, tmp_path: Path, receiver: Receiver
+    server_factory: ServerFactory, drifting_world: Path, drifting_champion: Path, tmp_path: Path, receiver: Receiver
 ) -> None:
-    world = tmp_path / "world"  # demand shifts from deposits to loans right after the data ends
-    generate_world(WorldConfig(users=6_000, products=60, months=6, seed=11, drift_month=7, drift_strength=4.0), world,
-                   progress=False)  # fmt: skip
+    world = drifting_world  # demand shifts from deposits to loans right after the data ends
     root = tmp_path / "registry"
-    pipeline.train(world, tmp_path / "m1", clean_settings(tmp_path / "ws"), progress=False)
     reg = ModelRegistry(root)
-    reg.register(tmp_path / "m1", alias=None)
+    reg.register(drifting_champion, alias=None)
     reg.promote("v1")
     srv = server_factory(None, world, "--clock", "data", env={
         "FINREC_REGISTRY__ROOT": str(root), "FINREC_REGISTRY__POLL_SECONDS": "0.5",
-        "FINREC_SERVE__CLOCK_SPEED": "20000"})  # fmt: skip
+        "FINREC_SERVE__CLOCK_SPEED": "40000"})  # fmt: skip
     srv.wait_ready()
     env = server_env(srv.workspace, {
         "FINREC_REGISTRY__ROOT": str(root),
@@ -114,8 +101,9 @@ def test_scheduler_checks_drift_alerts_retrains_and_a_second_scheduler_runs_noth
             return subprocess.Popen([sys.executable, "-m", "finrec", *args], stdout=out, stderr=subprocess.STDOUT,
                                     env=env, cwd=tmp_path, start_new_session=True)  # fmt: skip
 
-    # 20,000 data seconds per second: 3 minutes of simulation are about 40 days of drifted feedback.
-    sim = start("simulate", "simulate", "--url", srv.url, "--data", str(world), "--minutes", "3", "--rate", "40",
+    # 40,000 data seconds per second: 90 s of simulation are about 40 days of drifted feedback (7,200 requests, at
+    # about the world's own rate of sessions per customer, as 3 minutes at 40/s and half the speed were).
+    sim = start("simulate", "simulate", "--url", srv.url, "--data", str(world), "--minutes", "1.5", "--rate", "80",
                 "--seed", "3", "--no-progress", "--api-key", API_KEY)  # fmt: skip
     first = start("scheduler-1", "scheduler", "--tick", "1")
     second = start("scheduler-2", "scheduler", "--tick", "1")

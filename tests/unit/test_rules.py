@@ -359,3 +359,18 @@ def test_allowed_matches_pair_by_pair_reference(world) -> None:
     )
     blocked = np.argwhere(~got & want)
     assert not len(blocked), f"eligible pairs blocked: {blocked.tolist()}\n{users}\n{products}\n{policy} at={at}"
+
+
+@given(worlds())
+def test_one_profile_gets_the_rules_of_its_row(world) -> None:
+    """``with_profile`` (a request's one customer, no frame) removes what the customer's row of the frame does."""
+    users, products, policy, at = world
+    rules = ProductRules.from_frames(users, products, policy)
+    for row in range(len(users)):
+        profile = {c: (None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                   for c, v in users.iloc[row].items()}  # fmt: skip
+        got = rules.with_profile(profile).failures(np.array([0]), at=at)
+        want = rules.failures(np.array([row]), at=at)
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name}, row {row}: {profile}")

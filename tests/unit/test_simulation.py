@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import math
 import socket
+import threading
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +302,43 @@ def test_the_driver_names_connection_failures(world: Path) -> None:
                             transport=httpx.MockTransport(flaky))  # fmt: skip
     assert report.failed == report.sent > 0 and report.failures["recommend"] == {"connection": report.sent}
     assert report.messages[0]["message"] == "ConnectError: connection refused"
+
+
+def test_a_connection_reset_once_is_sent_again_and_a_reset_twice_is_a_failure(world: Path) -> None:
+    """A kept-alive connection the service closes as a request goes out is reset: the loop sends that request once
+    more (events keep their ids, so the service would drop a duplicate) and says so; a second reset is a failure."""
+    customers = SimulatedCustomers.from_world(world, seed=3)
+    fake = FakeService([str(p) for p in customers.truth.products["product_id"]])
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def resetting(times: int) -> Any:
+        def handler(request: httpx.Request) -> httpx.Response:
+            key = f"{request.method} {request.url.path} {request.headers.get('X-Request-ID')} {request.content!r}"
+            with lock:
+                seen[key] += 1
+                n = seen[key]
+            if request.url.path != "/ready" and zlib.crc32(key.encode()) % 3 == 0 and n <= times:
+                raise httpx.ReadError("[Errno 104] Connection reset by peer", request=request)
+            return fake(request)
+
+        return handler
+
+    report = run_simulation("http://fake", world, minutes=0.02, rate=150, k=5, seed=3, concurrency=4, progress=False,
+                            customers=customers, transport=httpx.MockTransport(resetting(1)))  # fmt: skip
+    assert "connection" not in report.failures["recommend"] and "connection" not in report.failures.get("events", {})
+    assert report.failed == report.failures["recommend"]["http_5xx"] + report.failures["recommend"]["http_4xx"]
+    resent = sum(n - 1 for n in seen.values())
+    assert resent > 10 and any(note.startswith(f"{resent} requests were sent again") for note in report.notes)
+    assert len({e["event_id"] for e in fake.events}) == len(fake.events)  # each event accepted once
+
+    seen.clear()
+    report = run_simulation("http://fake", world, minutes=0.02, rate=150, k=5, seed=4, concurrency=4, progress=False,
+                            customers=customers, transport=httpx.MockTransport(resetting(2)))  # fmt: skip
+    reset_twice = sum(1 for key, n in seen.items() if key.startswith("GET") and n == 2)
+    assert report.failures["recommend"]["connection"] == reset_twice
+    assert report.failures["recommend"]["connection"] > 0
+    assert any(m["message"].startswith("ReadError: [Errno 104]") for m in report.messages)
 
 
 # -- the command ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from finrec.data.synthetic.truth import GroundTruth
 from finrec.errors import ArtifactError, FinrecError
 from finrec.testing import SMALL_WORLD as SMALL
 
-TABLE_FILES = ("users.parquet", "products.parquet", "events.parquet", "ground_truth/users.parquet",
+TABLE_FILES = ("users.parquet", "products.parquet", "events.parquet", "ground_truth/users/part-00000.parquet",
                "ground_truth/products.parquet", "ground_truth/world.json")  # fmt: skip
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # LightGBM and PyTorch use OpenMP; its default busy-waiting threads slow training 20-200x on a
 # machine whose cores are shared with another process. Passive waiting costs nothing when idle.
@@ -23,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from finrec.cli._common import err, out
+from finrec.cli._common import ENGINE_HELP, engine_of, err, out
 from finrec.cli._common import is_store_error as _is_store_error
 from finrec.cli._common import open_events_for_reading as _open_events_for_reading
 from finrec.cli._common import settings_of as _settings
@@ -31,8 +33,9 @@ from finrec.config import load_settings, resolve_config_file
 from finrec.errors import DataValidationError, FinrecError
 
 #: `finrec --help` lists the commands in the order a user meets them, whatever order they are defined in.
-COMMAND_ORDER = ("generate", "validate", "train", "evaluate", "recommend", "serve", "monitor", "registry",
-                 "experiment", "retrain", "simulate", "scheduler", "audit", "keygen", "config", "demo")  # fmt: skip
+COMMAND_ORDER = ("generate", "validate", "train", "evaluate", "recommend", "materialize", "serve", "monitor",
+                 "registry", "experiment", "retrain", "simulate", "scheduler", "audit", "keygen", "config",
+                 "demo")  # fmt: skip
 
 
 class _InOrder(TyperGroup):
@@ -54,6 +57,7 @@ config_app = typer.Typer(help="Inspect the resolved settings.", no_args_is_help=
 app.add_typer(config_app, name="config")
 
 from finrec.cli.experiment import experiment_app  # noqa: E402
+from finrec.cli.materialize import materialize  # noqa: E402
 from finrec.cli.registry import registry_app  # noqa: E402
 from finrec.cli.retrain import retrain  # noqa: E402
 from finrec.cli.scheduler import scheduler_app  # noqa: E402
@@ -63,6 +67,7 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(scheduler_app, name="scheduler")
 app.command()(retrain)
+app.command()(materialize)
 app.command()(simulate)
 
 
@@ -116,6 +121,13 @@ def generate(
     fmt: Annotated[str, typer.Option("--format", help="Table format: parquet or csv.")] = "parquet",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     validate: Annotated[bool, typer.Option(help="Validate the written dataset against the contract.")] = True,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="duckdb: blocks of 25,000 customers one after the other in this process, one file a "
+                     "table. spark: the blocks in parallel on Spark (master and memory from the engine settings; "
+                     "needs PySpark and Java 17), users/ and events/ as folders of Parquet part files, Parquet only. "
+                     "Both give the same rows for the same seed. Default: engine.name in the settings (duckdb)."),
+    ] = None,
 ) -> None:
     """Generate a synthetic financial world: customers, products, funnel events and their ground truth.
 
@@ -124,7 +136,11 @@ def generate(
     """
     from finrec.data.synthetic.generate import WorldConfig, generate_world
 
-    g = _settings(ctx).generate
+    settings = _settings(ctx)
+    engine = engine or settings.engine.name
+    if engine not in ("duckdb", "spark"):
+        raise FinrecError(f"unknown engine {engine!r}", hint="--engine duckdb or --engine spark")
+    g = settings.generate
     cfg = WorldConfig(
         users=users if users is not None else g.users,
         products=products if products is not None else g.products,
@@ -138,8 +154,15 @@ def generate(
         missing_rate=missing_rate,
         format=fmt,  # type: ignore[arg-type]
     )
-    summary = generate_world(cfg, out_dir, overwrite=overwrite, progress=True)
-    _print_counts(summary.counts, f"Generated {out_dir} in {summary.seconds:.1f} s")
+    if engine == "spark":
+        from finrec.data.synthetic.spark import check_for_spark, generate_world_spark
+        from finrec.engine.spark import spark_session
+
+        check_for_spark(cfg)  # before starting a JVM
+        summary = generate_world_spark(cfg, out_dir, spark_session(settings.engine), overwrite=overwrite)
+    else:
+        summary = generate_world(cfg, out_dir, overwrite=overwrite, progress=True)
+    _print_counts(summary.counts, f"Generated {out_dir} in {summary.seconds:.1f} s on {engine}")
     if validate:
         _validate_or_exit(ctx, out_dir, quiet=True)
 
@@ -157,7 +180,23 @@ def _print_counts(counts: dict[str, int], title: str) -> None:
 # -- validate ---------------------------------------------------------------------------------
 
 
-def _validate_or_exit(ctx: typer.Context, data: Path, quiet: bool = False, json_out: Path | None = None) -> None:
+@contextmanager
+def _spark_sample(ctx: typer.Context, data: Path, settings: Any) -> Iterator[tuple[Any, Any]]:
+    """Validate ``data``, then draw a sample of its customers with Spark: (dataset, settings naming the engine)."""
+    from finrec.engine.sample import CustomerSample
+    from finrec.engine.spark import spark_session
+
+    dedupe = _validate_or_exit(ctx, data, quiet=True).repeats_event_ids
+    settings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"name": "spark"})})
+    sample = CustomerSample(spark_session(settings.engine), data, settings.engine.sample_customers,
+                            seed=settings.train.seed, dedupe=dedupe)  # fmt: skip
+    with sample as ds:
+        out.print(f"spark: {ds.n_users:,} of {sample.n_customers:,} customers sampled whole, {len(ds.events):,} "
+                  "events; the catalogue's statistics count every customer")  # fmt: skip
+        yield ds, settings
+
+
+def _validate_or_exit(ctx: typer.Context, data: Path, quiet: bool = False, json_out: Path | None = None) -> Any:
     from finrec.data.validate import validate_dataset
 
     v = _settings(ctx).validation
@@ -171,6 +210,7 @@ def _validate_or_exit(ctx: typer.Context, data: Path, quiet: bool = False, json_
         raise DataValidationError(report)
     if quiet:
         out.print(f"[green]valid[/]: {data} meets the data contract ({len(report.warnings)} warnings)")
+    return report
 
 
 @app.command()
@@ -191,6 +231,42 @@ def validate(
 
 
 @app.command()
+def features(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (validated first; see docs/data.md).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the tables to (created).")],
+    cutoff: Annotated[
+        str | None, typer.Option(help="Features as of this UTC time (ISO 8601; events strictly before it count). "
+                                 "Default: just after the last event.")
+    ] = None,
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Write the point-in-time feature tables at a cutoff, keyed by id, as Parquet.
+
+    behaviour (per customer), holdings, category_engagement, pair_history and history (per customer and
+    product), demand (per product): the tables of the one feature definition, from DuckDB or Spark, for
+    inspection, for another tool, or to compare the engines row for row.
+    """
+    import pandas as pd
+
+    from finrec.features.export import export_features
+
+    at = None
+    if cutoff is not None:
+        try:
+            stamp = pd.Timestamp(cutoff)
+        except ValueError:
+            raise FinrecError(f"--cutoff {cutoff!r} is not a time",
+                              hint="use ISO 8601, e.g. 2024-06-30T00:00:00Z") from None  # fmt: skip
+        at = int((stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp).timestamp())  # naive times are UTC
+    dedupe = _validate_or_exit(ctx, data, quiet=True).repeats_event_ids
+    manifest = export_features(data, out_dir, _settings(ctx), at, engine_of(ctx, engine), overwrite, dedupe)
+    rows = ", ".join(f"{k} {v:,}" for k, v in manifest["metrics"]["rows"].items())
+    out.print(f"[green]wrote[/] {out_dir}: {rows} rows; cutoff {manifest['config']['cutoff']}")
+
+
+@app.command()
 def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (validated first; see docs/data.md).")],
@@ -198,6 +274,9 @@ def train(
         Path,
         typer.Option("--model-dir", "-m", help="Where to write the model bundle (an existing bundle is replaced)."),
     ],
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP + " With spark, the model learns from a sample of "
+                                               "whole customers ([engine] sample_customers) and the catalogue's "
+                                               "statistics count every customer.")] = None,
 ) -> None:
     """Train the two-stage model: two-tower retrieval, approval odds and a LightGBM ranker.
 
@@ -208,7 +287,12 @@ def train(
     """
     from finrec import pipeline
 
-    manifest = pipeline.train(data, model_dir, _settings(ctx), progress=True)
+    settings = _settings(ctx)
+    if engine_of(ctx, engine) == "spark":
+        with _spark_sample(ctx, data, settings) as (ds, settings):
+            manifest = pipeline.train(data, model_dir, settings, progress=True, dataset=ds)
+    else:
+        manifest = pipeline.train(data, model_dir, settings, progress=True)
     m = manifest["metrics"]
     out.print(f"[green]trained[/] {model_dir}  version {m['model_version']}")
     for stage, kind in m["stages"].items():
@@ -246,6 +330,8 @@ def recommend(
             "with; none: leave out nothing."
         ),
     ] = "held",
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP + " With spark, --output is a folder of part "
+                                               "files and ids are written as text.")] = None,
 ) -> None:
     """Batch recommendations: columns user_id, rank, product_id, score.
 
@@ -255,7 +341,17 @@ def recommend(
     """
     from finrec import pipeline
 
-    res = pipeline.recommend(model_dir, data, users, k, output, _settings(ctx), exclude=exclude, progress=True)
+    settings = _settings(ctx)
+    if engine_of(ctx, engine) == "spark":
+        from finrec.engine.batch import spark_recommend
+        from finrec.engine.spark import spark_session
+
+        pipeline.check_recommend_request(k, exclude, output)  # before validation and Spark's start-up
+        dedupe = _validate_or_exit(ctx, data, quiet=True).repeats_event_ids
+        res = spark_recommend(spark_session(settings.engine), model_dir, data, users, k, output, settings, exclude,
+                              dedupe=dedupe)  # fmt: skip
+    else:
+        res = pipeline.recommend(model_dir, data, users, k, output, settings, exclude=exclude, progress=True)
     unknown = (
         f"; {res['unknown_users']} unknown to the data got the most popular products that need no profile"
         if res["unknown_users"]
@@ -279,6 +375,8 @@ def evaluate(
         Path | None,
         typer.Option(help="Ground truth folder for the oracle (default: DATA/ground_truth when it exists)."),
     ] = None,
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP + " With spark, the evaluation customers come "
+                                               "from a sample of whole customers ([engine] sample_customers).")] = None,
 ) -> None:
     """Offline evaluation on the held-out window against baselines and, on synthetic data, the oracle.
 
@@ -288,7 +386,13 @@ def evaluate(
     """
     from finrec import pipeline
 
-    report = pipeline.evaluate(model_dir, data, output, _settings(ctx), ground_truth=ground_truth, progress=True)
+    settings = _settings(ctx)
+    if engine_of(ctx, engine) == "spark":
+        with _spark_sample(ctx, data, settings) as (ds, settings):
+            report = pipeline.evaluate(model_dir, data, output, settings, ground_truth=ground_truth, progress=True,
+                                       dataset=ds)  # fmt: skip
+    else:
+        report = pipeline.evaluate(model_dir, data, output, settings, ground_truth=ground_truth, progress=True)
     k = report["model"]["k"]
     table = Table(title=None)
     metrics = [f"ndcg@{k}", f"map@{k}", "mrr", f"hit_rate@{k}", f"coverage@{k}", f"true_conversion@{k}"]
@@ -429,7 +533,8 @@ def serve(
     if access_log:
         os.environ["FINREC_ACCESS_LOG"] = "1"
     common = {"host": srv.host, "port": srv.port, "loop": "uvloop", "http": "httptools", "access_log": False,
-              "log_config": None, "timeout_graceful_shutdown": 10}  # fmt: skip
+              "log_config": None, "timeout_graceful_shutdown": 10,
+              "timeout_keep_alive": srv.keep_alive_seconds}  # fmt: skip
     if srv.workers == 1:
         service = Service.from_settings(settings)
         out.print(f"serving model {service.recommender.model.version} on http://{srv.host}:{srv.port} "
@@ -848,6 +953,15 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         sys.exit(130)
+    except Exception as exc:
+        from finrec.engine.spark import spark_failure
+
+        failure = spark_failure(exc)  # a job that died inside Spark (its JVM's log says why)
+        if failure is None:
+            raise
+        err.print(f"[bold red]error:[/] {escape(failure.message)}")
+        err.print(f"[dim]hint:[/] {escape(failure.hint or '')}")
+        sys.exit(failure.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,3 +34,21 @@ def is_store_error(exc: Exception) -> bool:
     import sqlite3
 
     return isinstance(exc, sqlite3.Error | ConnectionError | OSError) or type(exc).__module__.startswith("redis")
+
+
+#: Help of every command's ``--engine`` option.
+ENGINE_HELP = (
+    "Engine of this stage: duckdb (embedded, one machine) or spark (Apache Spark: [engine] spark_master, local[2] "
+    "by default; needs `pip install 'finrec[spark]'` and Java 17). Default: [engine] name, duckdb."
+)
+
+
+def engine_of(ctx: typer.Context, engine: str | None) -> str:
+    """The engine a command runs on: its ``--engine`` flag, else ``[engine] name``; an unknown name is refused."""
+    from finrec.engine import ENGINES
+    from finrec.errors import FinrecError
+
+    name = engine or settings_of(ctx).engine.name
+    if name not in ENGINES:
+        raise FinrecError(f"unknown --engine {name!r}", hint=f"use one of: {', '.join(ENGINES)}")
+    return name

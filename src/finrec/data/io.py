@@ -1,11 +1,12 @@
 """Locating and opening the three tables of a dataset.
 
 A dataset directory holds ``users``, ``products`` and ``events``, each as
-``<name>.parquet``, ``<name>.csv`` or ``<name>.csv.gz`` (see
+``<name>.parquet``, ``<name>.csv`` or ``<name>.csv.gz``, or as a folder ``<name>/``
+(or ``<name>.parquet/``) of Parquet part files, as Spark writes a table (see
 :mod:`finrec.data.contract`). :func:`open_dataset` registers them in a DuckDB
 connection under their table names, each with a hidden 1-based ``__row``
-column (the data row number in the file, header excluded) so problems can cite
-rows:
+column (the data row number in the file, header excluded; in a folder, counted
+across its part files in name order) so problems can cite rows:
 
 * Parquet is exposed as a view over ``read_parquet`` and never materialised.
 * CSV is read as text (``all_varchar``) into a temporary table, so a value of
@@ -29,13 +30,18 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
-from finrec.data.contract import SUFFIXES, TABLES, Kind
+from finrec.data.contract import Kind
+from finrec.data.layout import find_table as find_table  # re-exported: callers locate and open tables here
+from finrec.data.layout import find_tables, table_files
 from finrec.errors import DataError
 
 #: Name of the hidden 1-based row-number column every registered table carries.
@@ -70,6 +76,13 @@ def quote_ident(name: str) -> str:
 def quote_literal(value: str) -> str:
     """Quote a string literal for DuckDB SQL."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def spill_past(con: duckdb.DuckDBPyConnection, limit: str) -> None:
+    """Cap ``con``'s memory at ``limit`` (e.g. "1GB"); past it, its sorts and aggregations spill to a temporary
+    folder shared by finrec's connections (DuckDB's default cap is 80% of the machine's memory)."""
+    con.execute(f"SET memory_limit = {quote_literal(limit)}")
+    con.execute(f"SET temp_directory = {quote_literal(str(Path(tempfile.gettempdir()) / 'finrec-duckdb'))}")
 
 
 # --------------------------------------------------------------------------- type classes
@@ -204,64 +217,15 @@ def column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
     return {str(r[0]): str(r[1]) for r in rows if r[0] != ROW}
 
 
-# --------------------------------------------------------------------------- locating files
+# --------------------------------------------------------------------------- reading in place
 
 
-def find_table(data_dir: Path, name: str) -> Path:
-    """The file holding table ``name`` in ``data_dir``.
-
-    Looks for ``<name>.parquet``, ``<name>.csv`` and ``<name>.csv.gz``.
-
-    Raises
-    ------
-    DataError
-        The directory does not exist, no file holds the table, or more than one does.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.exists():
-        raise DataError(
-            f"data directory {data_dir} does not exist",
-            hint="pass --data DIR pointing to a folder with users, products and events tables (see docs/data.md)",
-        )
-    if not data_dir.is_dir():
-        raise DataError(
-            f"data path {data_dir} is a file, not a directory",
-            hint="pass the folder that holds users, products and events, not a single file",
-        )
-    candidates = [f"{name}{suffix}" for suffix in SUFFIXES]
-    found = [data_dir / c for c in candidates if (data_dir / c).is_file()]
-    if len(found) == 1:
-        return found[0]
-    if len(found) > 1:
-        raise DataError(
-            f"table '{name}' is stored more than once in {data_dir}: {', '.join(p.name for p in found)}",
-            hint=f"keep exactly one file for '{name}' and move or delete the others",
-        )
-    present = sorted(p.name + ("/" if p.is_dir() else "") for p in data_dir.iterdir())
-    shown = ", ".join(present[:20]) + (f" and {len(present) - 20} more" if len(present) > 20 else "")
-    where = f"it holds: {shown}" if present else "the directory is empty"
-    near = [p for p in present if p.lower() in {c.lower() for c in candidates}]
-    if near:
-        hint = f"file names are case-sensitive: rename {near[0]} to {name}{_suffix_of(near[0])}"
-    else:
-        hint = f"add the table as {' or '.join(candidates)} (see docs/data.md for its columns)"
-    raise DataError(
-        f"table '{name}' not found in {data_dir}: looked for {', '.join(candidates)}; {where}",
-        hint=hint,
-    )
-
-
-def _suffix_of(filename: str) -> str:
-    low = filename.lower()
-    for suffix in sorted(SUFFIXES, key=len, reverse=True):
-        if low.endswith(suffix):
-            return suffix
-    return ""  # pragma: no cover
-
-
-def find_tables(data_dir: Path) -> dict[str, Path]:
-    """The file of every contract table, by table name (see :func:`find_table`)."""
-    return {name: find_table(data_dir, name) for name in TABLES}
+def scan_sql(path: Path) -> str:
+    """A DuckDB table expression reading the table at ``path`` (a file, or a folder of part files) in place."""
+    files = table_files(path)
+    if len(files) == 1 and not Path(path).is_dir():
+        return quote_literal(str(files[0]))
+    return "read_parquet([" + ", ".join(quote_literal(str(f)) for f in files) + "])"
 
 
 # --------------------------------------------------------------------------- opening
@@ -329,18 +293,40 @@ def _register_csv(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None
     con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(name)} AS SELECT {star}, rowid + 1 AS {ROW} FROM {raw}")
 
 
+_PARQUET_HINT = "the file is not a readable Parquet file; re-export it (e.g. pandas DataFrame.to_parquet)"
+
+
+def _rows_before(files: list[Path]) -> list[int]:
+    """Rows in the files before each file, from the files' footers."""
+    rows = []
+    for f in files:
+        try:
+            rows.append(pq.ParquetFile(f).metadata.num_rows)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"cannot read {f}: {str(exc)[:300]}", hint=_PARQUET_HINT) from None
+    return [0, *itertools.accumulate(rows)][:-1]
+
+
 def _register_parquet(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
+    if path.is_dir():
+        files = table_files(path)
+        # Rows are numbered across the part files in name order: each file's row number plus the rows of the
+        # files before it, so the view still streams from disk.
+        before = _rows_before(files)
+        offsets = "CAST([" + ", ".join(map(str, before)) + "] AS BIGINT[])"
+        source = "read_parquet([" + ", ".join(quote_literal(str(f)) for f in files) + "], file_row_number = true)"
+        row = f"{offsets}[CAST(file_index AS BIGINT) + 1] + file_row_number + 1"
+    else:
+        source = f"read_parquet({quote_literal(str(path))}, file_row_number = true)"
+        row = "file_row_number + 1"
     sql = (
         f"CREATE OR REPLACE TEMP VIEW {quote_ident(name)} AS SELECT * EXCLUDE (file_row_number), "
-        f"file_row_number + 1 AS {ROW} FROM read_parquet({quote_literal(str(path))}, file_row_number = true)"
+        f"{row} AS {ROW} FROM {source}"
     )
     try:
         con.execute(sql)
     except duckdb.Error as exc:
-        raise DataError(
-            f"cannot read {path}: {_one_line(exc)}",
-            hint="the file is not a readable Parquet file; re-export it (e.g. pandas DataFrame.to_parquet)",
-        ) from None
+        raise DataError(f"cannot read {path}: {_one_line(exc)}", hint=_PARQUET_HINT) from None
 
 
 def open_dataset(data_dir: Path, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
@@ -372,7 +358,7 @@ def open_dataset(data_dir: Path, con: duckdb.DuckDBPyConnection | None = None) -
             con.execute("SET enable_progress_bar = false")
         con.execute("SET TimeZone = 'UTC'")
         for name, path in paths.items():
-            if path.name.endswith(".parquet"):
+            if path.is_dir() or path.name.endswith(".parquet"):
                 _register_parquet(con, name, path.resolve())
             else:
                 _register_csv(con, name, path.resolve())

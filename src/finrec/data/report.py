@@ -126,6 +126,11 @@ class ValidationReport:
         """True when there are no errors (warnings are allowed)."""
         return not self.errors
 
+    @property
+    def repeats_event_ids(self) -> bool:
+        """The events repeat an ``event_id`` (a warning): every engine then keeps only the first of each."""
+        return any(p.code == "duplicate_event_id" for p in self.problems)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view of the report."""
         return {

@@ -43,6 +43,7 @@ from finrec.data.io import (
     present_sql,
     quote_ident,
     quote_literal,
+    spill_past,
     typed_sql,
 )
 from finrec.data.report import (
@@ -90,6 +91,10 @@ _ALLOWED_CODES = {"event_type": "unknown_event_type"}
 
 #: Warnings about column names a pandas index leaves behind, or that DuckDB invents for empty headers.
 _UNNAMED = re.compile(r"^(column\d+|Unnamed: \d+|__index_level_\d+__|index)$")
+
+#: DuckDB's memory while validating. Measured at 65M events (1M customers): 3.95 GB peak and 38 s without a limit
+#: (it grows with the log), 1.1 GB and 42 s with it; the same report.
+MEMORY_LIMIT = "1GB"
 
 
 # --------------------------------------------------------------------------- checks
@@ -658,6 +663,9 @@ def validate_dataset(
     con = duckdb.connect()
     try:
         con.execute("SET enable_progress_bar = false")
+        # Checks over every event (repeated event ids group all of them) spill to disk past this, so validating
+        # holds about this much, not memory in proportion to the log (1.1 GB at 16M events without it).
+        spill_past(con, MEMORY_LIMIT)
         files = find_tables(data_dir)
         open_dataset(data_dir, con)
         try:

@@ -20,7 +20,7 @@ features; everything else is simply absent.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import duckdb
@@ -29,24 +29,24 @@ import pandas as pd
 import pyarrow as pa
 
 from finrec.data.dataset import ETYPE, Dataset
-
-DAY = 86_400
-WINDOWS = (30, 90, 365)
-PAIR_HISTORY_COUNTS = ("seen", "clicked", "applied", "declined")
-#: Event type behind each pair-history count (the online overlay adds live events the same way).
-PAIR_HISTORY_TYPES = {"seen": "impression", "clicked": "click", "applied": "apply", "declined": "decline"}
-_BEHAVIOUR_TYPES = ("impression", "view", "click", "apply", "approve", "decline")
-#: Event types counted per customer and window, engaged types (affinity, history) and ownership types (holdings).
-BEHAVIOUR_TYPES = _BEHAVIOUR_TYPES
-ENGAGED_TYPES = ("click", "apply", "approve", "decline")
-OWNERSHIP_TYPES = ("approve", "hold", "close")
-_ENGAGED = tuple(ETYPE[t] for t in ENGAGED_TYPES)
-_OWNERSHIP = tuple(ETYPE[t] for t in OWNERSHIP_TYPES)
+from finrec.data.io import spill_past
+from finrec.features import queries as Q
+from finrec.features.queries import (  # noqa: F401  (re-exported: the online path imports them from here)
+    BEHAVIOUR_TYPES,
+    DAY,
+    ENGAGED_TYPES,
+    OWNERSHIP_TYPES,
+    PAIR_HISTORY_COUNTS,
+    PAIR_HISTORY_TYPES,
+    WINDOWS,
+)
 
 USER_PROFILE_NUMERIC = ("age", "income", "credit_score", "risk_tolerance", "marketing_consent")
 USER_PROFILE_CATEGORICAL = ("region", "employment_status")
 PRODUCT_NUMERIC = ("risk_level", "apr", "apy", "annual_fee", "min_credit_score", "min_income", "min_age", "max_age")
 PRODUCT_CATEGORICAL = ("category", "provider")
+#: DuckDB's memory in a FeatureBuilder; past it, the event-log queries spill to disk.
+MEMORY_LIMIT = "2GB"
 #: Most categories that get their own customer columns (holds_<category>, affinity_<category>).
 MAX_CATEGORY_COLUMNS = 30
 _NOT_FEATURES = {"user_id", "product_id", "name", "signup_date", "launch_date", "regions"}
@@ -126,12 +126,20 @@ class FeatureBuilder:
         User columns never used as features (e.g. ``["gender"]``).
     """
 
-    def __init__(self, dataset: Dataset, protected: list[str] | tuple[str, ...] = ()):
+    def __init__(self, dataset: Dataset, protected: list[str] | tuple[str, ...] = (),
+                 catalogue_stats: Callable[[int], pd.DataFrame] | None = None):  # fmt: skip
         self.ds = dataset
         self.protected = set(protected)
+        # The product features that count every customer's events (demand, conversion, share of holders), given
+        # from outside when ``dataset`` holds only some customers (one partition of a Spark job): a frame per
+        # cutoff with one row per product and the columns of :meth:`catalogue_stats`.
+        self._catalogue_stats = catalogue_stats if catalogue_stats is not None else dataset.catalogue_stats
         ev = dataset.events
         self.con = duckdb.connect()
         self.con.execute("SET threads TO 2")
+        # DuckDB's default limit is 80% of the machine's memory: its hash tables then grow with the log (most of
+        # `finrec features`' 20 GB at 2M customers). Past this limit its aggregations spill to disk.
+        spill_past(self.con, MEMORY_LIMIT)
         self.con.register(
             "ev",
             # i: the event's place in the log (sorted by time, then file order), the total order "last" means: by
@@ -164,12 +172,7 @@ class FeatureBuilder:
         for c in beh.columns:
             users[c] = beh[c].to_numpy()
             u_num.append(c)
-        held = self.con.execute(
-            f"""SELECT u AS "user", p AS product FROM (
-                  SELECT u, p, arg_max(e, i) AS last FROM ev
-                  WHERE ts < {cutoff} AND e IN {tuple(_OWNERSHIP)} GROUP BY u, p)
-                WHERE last <> {ETYPE["close"]} ORDER BY 1, 2"""
-        ).df()
+        held = self.con.execute(f"{Q.holdings_sql(cutoff)} ORDER BY 1, 2").df()
         n_held = np.bincount(held["user"].to_numpy(), minlength=ds.n_users)
         users["n_held"] = n_held.astype(np.float64)
         u_num.append("n_held")
@@ -207,14 +210,11 @@ class FeatureBuilder:
                         ((v - g.transform("mean")) / g.transform("std").replace(0, np.nan)).fillna(0.0).where(v.notna())
                     )
                     p_num.append(f"{c}_vs_category")
-        demand = self._product_demand(cutoff)
-        for c in demand.columns:
-            products[c] = demand[c].to_numpy()
+        given = self._catalogue_stats
+        stats = given(cutoff) if given is not None else self.catalogue_stats(cutoff, held)
+        for c in stats.columns:
+            products[c] = stats[c].to_numpy()
             p_num.append(c)
-        # Share of the customers holding anything (a count would grow with the customer base).
-        holders = np.bincount(held["product"].to_numpy(), minlength=ds.n_products).astype(np.float64)
-        products["holders"] = holders / max(1, int((n_held > 0).sum()))
-        p_num.append("holders")
         return Snapshot(
             cutoff=cutoff,
             users=users,
@@ -229,36 +229,33 @@ class FeatureBuilder:
             category_affinity=affinity,
         )
 
-    def _user_behaviour(self, cutoff: int) -> pd.DataFrame:
-        cols = []
-        for t in _BEHAVIOUR_TYPES:
-            for w in WINDOWS:
-                cols.append(f"ln(1 + count(*) FILTER (WHERE e = {ETYPE[t]} AND ts >= {cutoff - w * DAY})) AS {t}_{w}d")
-        df = self.con.execute(
-            f"""SELECT u, {", ".join(cols)},
-                       ({cutoff} - max(ts)) / {DAY}.0 AS days_since_last_event,
-                       ({cutoff} - max(ts) FILTER (WHERE e IN {tuple(_ENGAGED)})) / {DAY}.0 AS days_since_last_click
-                FROM ev WHERE ts < {cutoff} GROUP BY u"""
-        ).df()
-        out = pd.DataFrame(index=pd.RangeIndex(self.ds.n_users))
-        rows = df["u"].to_numpy()
-        for c in df.columns:
-            if c == "u":
-                continue
-            full = np.zeros(self.ds.n_users) if not c.startswith("days_since") else np.full(self.ds.n_users, np.nan)
-            full[rows] = df[c].to_numpy(dtype=np.float64)
-            out[c] = full
+    def catalogue_stats(self, cutoff: int, held: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Product features that count every customer's events: demand, conversion and the share of holders.
+
+        ``held``: the holdings at ``cutoff`` when already computed.
+        """
+        if held is None:
+            held = self.con.execute(Q.holdings_sql(cutoff)).df()
+        out = self._product_demand(cutoff)
+        out["holders"] = Q.holder_shares(held["product"].to_numpy(), held["user"].to_numpy(), self.ds.n_products)
         return out
+
+    def _user_behaviour(self, cutoff: int) -> pd.DataFrame:
+        df = self.con.execute(Q.user_behaviour_sql(cutoff)).df()
+        n, rows = self.ds.n_users, df["u"].to_numpy()
+        columns = {}
+        for c in df.columns[1:]:
+            full = np.full(n, np.nan) if c.endswith("_ts") else np.zeros(n)
+            full[rows] = df[c].to_numpy(dtype=np.float64, na_value=np.nan)
+            columns[c] = full
+        return pd.DataFrame(Q.behaviour_features(cutoff, columns), index=pd.RangeIndex(n))
 
     def _category_affinity(self, cutoff: int, n_cat: int) -> np.ndarray:
         """Share of each customer's engaged events (click and later) per category; the last column is the total."""
         aff = np.zeros((self.ds.n_users, n_cat + 1))
         if not n_cat:
             return aff
-        df = self.con.execute(
-            f"""SELECT ev.u, pcat.c, count(*) AS n FROM ev JOIN pcat ON ev.p = pcat.p
-                WHERE ts < {cutoff} AND e IN {tuple(_ENGAGED)} GROUP BY ALL"""
-        ).df()
+        df = self.con.execute(Q.category_engagement_sql(cutoff)).df()
         u, c, n = df["u"].to_numpy(), df["c"].to_numpy(), df["n"].to_numpy(np.float64)
         aff[u, c] = n
         total = aff[:, :n_cat].sum(axis=1)
@@ -267,46 +264,13 @@ class FeatureBuilder:
         return aff
 
     def _product_demand(self, cutoff: int) -> pd.DataFrame:
-        since = cutoff - 90 * DAY
-        df = self.con.execute(
-            f"""SELECT p,
-                  count(*) FILTER (WHERE e = {ETYPE["impression"]}) AS imp,
-                  count(*) FILTER (WHERE e = {ETYPE["click"]}) AS clk,
-                  count(*) FILTER (WHERE e = {ETYPE["apply"]}) AS app,
-                  count(*) FILTER (WHERE e = {ETYPE["approve"]}) AS apr,
-                  count(*) FILTER (WHERE e = {ETYPE["decline"]}) AS dec,
-                  count(*) FILTER (WHERE e = {ETYPE["impression"]} AND ts >= {since}) AS imp90,
-                  count(*) FILTER (WHERE e = {ETYPE["click"]} AND ts >= {since}) AS clk90,
-                  count(*) FILTER (WHERE e IN {tuple(_ENGAGED)} AND ts >= {since}) AS eng90
-                FROM ev WHERE ts < {cutoff} GROUP BY p"""
-        ).df()
+        df = self.con.execute(Q.product_demand_sql(cutoff)).df()
         n = self.ds.n_products
         raw = {c: np.zeros(n) for c in df.columns if c != "p"}
         rows = df["p"].to_numpy()
         for c in raw:
             raw[c][rows] = df[c].to_numpy(np.float64)
-        # Smoothed rates shrink towards the catalogue rate, so a product seen 3 times is not "100%".
-        ctr0 = (raw["clk"].sum() + 1) / (raw["imp"].sum() + 20)
-        app0 = (raw["app"].sum() + 1) / (raw["clk"].sum() + 4)
-        apr0 = (raw["apr"].sum() + 1) / (raw["apr"].sum() + raw["dec"].sum() + 2)
-        out = pd.DataFrame(index=pd.RangeIndex(n))
-        # All-history counts grow with the length of the history, so a model trained at one cutoff and served
-        # at a later one would read them on another scale: they are log shares of the catalogue's total (a
-        # product's place in the catalogue, the same at any cutoff). Windowed counts keep their scale.
-        def share(c: np.ndarray) -> np.ndarray:
-            return np.log((c + 1.0) / (c.sum() + n))
-
-        out["impressions"] = share(raw["imp"])
-        out["clicks"] = share(raw["clk"])
-        out["applications"] = share(raw["app"])
-        out["approvals"] = share(raw["apr"])
-        out["impressions_90d"] = np.log1p(raw["imp90"])
-        out["engaged_90d"] = np.log1p(raw["eng90"])
-        out["ctr"] = (raw["clk"] + 50 * ctr0) / (raw["imp"] + 50)
-        out["ctr_90d"] = (raw["clk90"] + 50 * ctr0) / (raw["imp90"] + 50)
-        out["apply_rate"] = (raw["app"] + 10 * app0) / (raw["clk"] + 10)
-        out["approval_rate"] = (raw["apr"] + 10 * apr0) / (raw["apr"] + raw["dec"] + 10)
-        return out
+        return pd.DataFrame(Q.demand_features(raw, n), index=pd.RangeIndex(n))
 
     # -- pairs ---------------------------------------------------------------------------------
     def pair_features(self, snap: Snapshot, users: np.ndarray, products: np.ndarray) -> pd.DataFrame:
@@ -343,24 +307,13 @@ class FeatureBuilder:
         return out
 
     @staticmethod
-    def _pair_history_sql(cutoff: int) -> str:
-        return f"""count(*) FILTER (WHERE e = {ETYPE["impression"]}) AS seen,
-                  count(*) FILTER (WHERE e = {ETYPE["click"]}) AS clicked,
-                  count(*) FILTER (WHERE e = {ETYPE["apply"]}) AS applied,
-                  count(*) FILTER (WHERE e = {ETYPE["decline"]}) AS declined,
-                  ({cutoff} - max(ts) FILTER (WHERE e = {ETYPE["impression"]})) / {DAY}.0 AS days_since_seen"""
-
-    @staticmethod
-    def _pair_history_frame(df: pd.DataFrame, rows: np.ndarray, n: int) -> pd.DataFrame:
-        out = pd.DataFrame(index=pd.RangeIndex(n))
-        for c in PAIR_HISTORY_COUNTS:
-            full = np.zeros(n)
-            full[rows] = np.log1p(df[c].to_numpy(np.float64))
-            out[f"pair_{c}"] = full
-        full = np.full(n, np.nan)
-        full[rows] = df["days_since_seen"].to_numpy(np.float64)
-        out["pair_days_since_seen"] = full
-        return out
+    def _pair_history_frame(cutoff: int, df: pd.DataFrame, rows: np.ndarray, n: int) -> pd.DataFrame:
+        columns = {}
+        for c in (*PAIR_HISTORY_COUNTS, "last_seen_ts"):
+            full = np.full(n, np.nan) if c == "last_seen_ts" else np.zeros(n)
+            full[rows] = df[c].to_numpy(dtype=np.float64, na_value=np.nan)
+            columns[c] = full
+        return pd.DataFrame(Q.pair_history_features(cutoff, columns), index=pd.RangeIndex(n))
 
     def _pair_history(self, cutoff: int, users: np.ndarray, products: np.ndarray) -> pd.DataFrame:
         cand = pa.table(
@@ -368,12 +321,12 @@ class FeatureBuilder:
         )
         self.con.register("cand", cand)
         df = self.con.execute(
-            f"""SELECT cand.i, {self._pair_history_sql(cutoff)}
+            f"""SELECT cand.i, {Q.pair_history_aggregates()}
                 FROM cand JOIN ev ON ev.u = cand.u AND ev.p = cand.p
                 WHERE ev.ts < {cutoff} GROUP BY cand.i"""
         ).df()
         self.con.unregister("cand")
-        return self._pair_history_frame(df, df["i"].to_numpy(), len(users))
+        return self._pair_history_frame(cutoff, df, df["i"].to_numpy(), len(users))
 
     def pair_history_table(self, cutoff: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
         """Every (user, product) pair with events before ``cutoff``, sorted: (user rows, product rows, features).
@@ -381,10 +334,23 @@ class FeatureBuilder:
         The features are the ``pair_*`` columns of :meth:`pair_features`, computed the same way; the online
         service keeps this table so a request looks its pairs up instead of querying the event log.
         """
-        df = self.con.execute(
-            f"SELECT u, p, {self._pair_history_sql(cutoff)} FROM ev WHERE ts < {cutoff} GROUP BY u, p ORDER BY u, p"
-        ).df()
-        feats = self._pair_history_frame(df, np.arange(len(df)), len(df))
+        return self._pair_history_piece(cutoff, self.con.execute(f"{Q.pair_history_sql(cutoff)} ORDER BY u, p").df())
+
+    def pair_history_chunks(
+        self, cutoff: int, rows: int = 1_000_000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+        """:meth:`pair_history_table` in consecutive pieces of at most ``rows`` pairs, in the same order: for
+        writing the table out without holding it (36.7M pairs and 2.3 GB at 1M customers)."""
+        reader = self.con.sql(f"{Q.pair_history_sql(cutoff)} ORDER BY u, p").to_arrow_reader(rows)
+        empty = True
+        for batch in reader:
+            empty = False
+            yield self._pair_history_piece(cutoff, batch.to_pandas())
+        if empty:  # no events before the cutoff: one empty piece, so that the table still has its columns
+            yield self._pair_history_piece(cutoff, reader.schema.empty_table().to_pandas())
+
+    def _pair_history_piece(self, cutoff: int, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+        feats = self._pair_history_frame(cutoff, df, np.arange(len(df)), len(df))
         return df["u"].to_numpy(np.int64), df["p"].to_numpy(np.int64), feats
 
     # -- labels and history ---------------------------------------------------------------------
@@ -394,28 +360,15 @@ class FeatureBuilder:
         for t, g in grades.items():
             grade_of[ETYPE[t]] = g
         self.con.register("grades", pa.table({"e": np.arange(len(ETYPE), dtype=np.int8), "g": grade_of}))
-        df = self.con.execute(
-            f"""SELECT ev.u AS "user", ev.p AS product, max(g) AS grade
-                FROM ev JOIN grades USING (e) WHERE ts >= {start} AND ts < {end}
-                GROUP BY ALL HAVING max(g) > 0 ORDER BY 1, 2"""
-        ).df()
-        return df
+        return self.con.execute(f"{Q.labels_sql(start, end)} ORDER BY 1, 2").df()
 
     def shown(self, start: int, end: int) -> pd.DataFrame:
         """(user, product, position) shown in ``[start, end)``, whether ignored or not; best position (0 = unknown)."""
-        return self.con.execute(
-            f"""SELECT u AS "user", p AS product, coalesce(min(pos) FILTER (WHERE pos > 0), 0) AS position
-                FROM ev WHERE e = {ETYPE["impression"]} AND ts >= {start} AND ts < {end} GROUP BY ALL ORDER BY 1, 2"""
-        ).df()
+        return self.con.execute(f"{Q.shown_sql(start, end)} ORDER BY 1, 2").df()
 
     def history(self, cutoff: int, length: int = 20) -> np.ndarray:
         """(n_users, length) most recent distinct products each customer engaged with before ``cutoff``; -1 pads."""
-        df = self.con.execute(
-            f"""SELECT u, p FROM (
-                  SELECT u, p, row_number() OVER (PARTITION BY u ORDER BY max(ts) DESC, p) AS r
-                  FROM ev WHERE ts < {cutoff} AND e IN {tuple(_ENGAGED)} GROUP BY u, p)
-                WHERE r <= {length} ORDER BY u, r"""
-        ).df()
+        df = self.con.execute(f"{Q.history_sql(cutoff, length)} ORDER BY u, r").df()
         hist = np.full((self.ds.n_users, length), -1, dtype=np.int64)
         u = df["u"].to_numpy()
         if len(u):

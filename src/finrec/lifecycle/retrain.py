@@ -144,7 +144,10 @@ def extend_dataset(base: Path, events: list[Event], out: Path, note: dict[str, A
             dedupe = " WHERE event_id NOT IN (SELECT CAST(event_id AS VARCHAR) FROM events WHERE event_id IS NOT NULL)"
         with atomic_dir(out) as tmp:
             for name in ("users", "products"):
-                _link_or_copy(tables[name], tmp / tables[name].name)
+                if tables[name].is_dir():  # a folder of part files (a Spark-written table)
+                    shutil.copytree(tables[name], tmp / tables[name].name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(tables[name], tmp / tables[name].name)
             truth = Path(base) / "ground_truth"
             if (truth / "world.json").is_file():  # a synthetic world: the same world, so the same truth (oracle)
                 shutil.copytree(truth, tmp / "ground_truth", copy_function=_link_or_copy)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from finrec.errors import ArtifactError
+from finrec.ranking.lightgbm_calls import predict
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightgbm as lgb
@@ -440,7 +441,7 @@ class ApprovalModel:
             return np.full(X.shape[0], self.base_rate_)
         if X.shape[0] == 0:
             return np.zeros(0)
-        return np.asarray(self.booster_.predict(X, num_threads=self.config.num_threads), dtype=float)
+        return predict(self.booster_, X, num_threads=self.config.num_threads).astype(float, copy=False)
 
     def _calibrate(self, raw: np.ndarray) -> np.ndarray:
         if self.calibration_x_ is None or self.calibration_y_ is None:

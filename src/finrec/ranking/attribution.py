@@ -27,6 +27,8 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
+from finrec.ranking.lightgbm_calls import dump_model, predict
+
 _MISSING = {"None": 0, "Zero": 1, "NaN": 2}
 _ZERO = 1e-35  # LightGBM's kZeroThreshold: |x| below it is "zero" for missing_type Zero
 
@@ -43,7 +45,7 @@ class PathAttribution:
     """
 
     def __init__(self, booster: lgb.Booster, num_iteration: int | None = None) -> None:
-        dump = booster.dump_model(num_iteration=num_iteration if num_iteration else -1)
+        dump = dump_model(booster, num_iteration=num_iteration if num_iteration else -1)
         self.n_features = int(dump["max_feature_idx"]) + 1
         feat: list[int] = []
         thr: list[float] = []
@@ -196,5 +198,5 @@ class PathAttribution:
         """True when the contributions of ``X``'s rows add up to the booster's own raw scores."""
         if not len(X):
             return True
-        expected = booster.predict(X, num_iteration=num_iteration, raw_score=True)
+        expected = predict(booster, X, num_iteration=num_iteration, raw_score=True)
         return bool(np.allclose(self.contributions(X).sum(axis=1), expected, rtol=1e-6, atol=1e-6))

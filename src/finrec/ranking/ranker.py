@@ -21,6 +21,7 @@ import numpy as np
 
 from finrec.errors import ArtifactError
 from finrec.ranking.attribution import PathAttribution
+from finrec.ranking.lightgbm_calls import predict
 
 #: Fewer rows than this are predicted on one thread (an answer's k rows; see :meth:`Ranker.leaves`).
 _ROWS_PER_THREAD = 64
@@ -127,9 +128,7 @@ class Ranker:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         self._check(X)
-        return np.asarray(
-            self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=self.config.num_threads)
-        )
+        return predict(self.booster_, X, num_iteration=self.best_iteration_, num_threads=self.config.num_threads)
 
     def _path_attribution(self) -> PathAttribution:
         if not hasattr(self, "_paths"):
@@ -143,8 +142,7 @@ class Ranker:
         A few rows walk the trees on one thread: waking a second one costs more than the walk (measured)."""
         self._check(X)
         threads = 1 if len(X) < _ROWS_PER_THREAD else self.config.num_threads
-        return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_leaf=True,
-                                                num_threads=threads))  # fmt: skip
+        return predict(self.booster_, X, num_iteration=self.best_iteration_, pred_leaf=True, num_threads=threads)
 
     def contributions_from_leaves(self, leaves: np.ndarray, projection: np.ndarray | None = None) -> np.ndarray:
         """Path contributions (n, n_features + 1) of rows given their leaves (see :meth:`leaves`); with
@@ -161,8 +159,8 @@ class Ranker:
         self._check(X)
         if method == "path":
             return self.contributions_from_leaves(self.leaves(X))
-        return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_, pred_contrib=True,
-                                                num_threads=self.config.num_threads))  # fmt: skip
+        return predict(self.booster_, X, num_iteration=self.best_iteration_, pred_contrib=True,
+                       num_threads=self.config.num_threads)  # fmt: skip
 
     def feature_importance(self) -> dict[str, float]:
         gain = self.booster_.feature_importance("gain", iteration=self.best_iteration_)

@@ -18,7 +18,9 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -114,18 +116,31 @@ class ProductRules:
         attribute, which fails every rule that needs it (never a rule switched off by omission).
         """
         n = len(users)
+        regions = users["region"].tolist() if "region" in users.columns else [None] * n
+        return self._over(n, lambda c: users[c].to_numpy(dtype=np.float64) if c in users.columns else None, regions)
 
+    def with_profile(self, profile: Mapping[str, Any]) -> ProductRules:
+        """:meth:`with_users` for one customer given as a mapping of column to value (None or NaN: missing),
+        without building a frame (a request's path)."""
+
+        def number(c: str) -> np.ndarray | None:
+            v = profile.get(c)
+            return np.array([np.nan if v is None else float(v)]) if c in profile else None
+
+        return self._over(1, number, [profile.get("region")])
+
+    def _over(self, n: int, number: Callable[[str], np.ndarray | None], regions: list[Any]) -> ProductRules:
         def col(name: str, current: np.ndarray | None) -> np.ndarray | None:
             if current is None:
                 return None
-            return users[name].to_numpy(dtype=np.float64) if name in users.columns else np.full(n, np.nan)
+            found = number(name)
+            return np.full(n, np.nan) if found is None else found
 
         region = None
         if self.region is not None:
             pos = {r: i for i, r in enumerate(self.regions)}
-            raw = users["region"].tolist() if "region" in users.columns else [None] * n
             region = np.array([pos.get(str(v), len(self.regions)) if v is not None else len(self.regions)
-                               for v in raw], dtype=np.int64)  # fmt: skip
+                               for v in regions], dtype=np.int64)  # fmt: skip
         return replace(
             self,
             credit=col("credit_score", self.credit),

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from finrec.data.dataset import ETYPE
+from finrec.data.dataset import ETYPE, EventLog
 from finrec.events.schema import Event
 from finrec.features.online import Activity, OnlineFeatureStore
 from finrec.features.online.memory import MemoryOnlineStore
 from finrec.rules.eligibility import RULES, ProductRules
+from finrec.serving.records import CustomerRecord
 from finrec.serving.state import ServingData
 
 DAY = 86_400
@@ -81,19 +82,13 @@ class LiveState:
 
     def seed(self, data: ServingData) -> None:
         """Load the data's declines and impressions recent enough to matter at its cutoff."""
-        ev = data.ds.events
-        recent = ev.between(int(data.cutoff - self.horizon_days * DAY), data.cutoff)
         users = data.ds.users["user_id"].astype(str).to_numpy()
-        keep = max(self.policy.frequency_cap, 1)
-        for u, p, t, e in zip(users[recent.user], recent.product.tolist(), recent.ts.tolist(), recent.etype.tolist(),
-                              strict=True):  # fmt: skip
-            if e == ETYPE["decline"]:
-                self._declined[u][p] = max(t, self._declined[u].get(p, t))
-            elif e == ETYPE["impression"]:
-                lst = self._shown[u][p]
-                lst.append(t)
-                if len(lst) > 4 * keep:  # only the most recent ones can matter
-                    del lst[: len(lst) - keep]
+        declined, shown = recent_guard_history(data.ds.events, data.cutoff, self.horizon_days,
+                                               self.policy.frequency_cap)  # fmt: skip
+        for u, per in declined.items():
+            self._declined[users[u]] = per
+        for u, times in shown.items():
+            self._shown[users[u]].update(times)
 
     def record(self, events: Sequence[Event]) -> None:
         """Live events (already de-duplicated by the event store) into the online store."""
@@ -103,11 +98,19 @@ class LiveState:
         return self.store.recent(user_id, since)
 
     def masks(self, user_id: str, n_products: int, now: float, activity: list[Activity],
-              product_row: dict[str, int]) -> tuple[np.ndarray, np.ndarray, dict[int, bool]]:  # fmt: skip
-        """(cooling-off mask, frequency-cap mask, live holdings changes) of one customer at ``now``."""
+              product_row: dict[str, int], seeded: CustomerRecord | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, dict[int, bool]]:  # fmt: skip
+        """(cooling-off mask, frequency-cap mask, live holdings changes) of one customer at ``now``.
+
+        The data's declines and impressions come from ``seeded`` (a materialised customer record) when it has
+        them, else from :meth:`seed`.
+        """
         p = self.policy
-        declined = dict(self._declined.get(user_id, {}))
-        shown = {k: list(v) for k, v in self._shown.get(user_id, {}).items()}
+        if seeded is not None and seeded.declined is not None and seeded.shown is not None:
+            declined, shown = dict(seeded.declined), {k: list(v) for k, v in seeded.shown.items()}
+        else:
+            declined = dict(self._declined.get(user_id, {}))
+            shown = {k: list(v) for k, v in self._shown.get(user_id, {}).items()}
         held: dict[int, bool] = {}
         for a in activity:  # in time order
             row = product_row.get(a.product_id, -1)
@@ -135,6 +138,26 @@ class LiveState:
         return cool, cap, held
 
 
+def recent_guard_history(events: EventLog, cutoff: int, horizon_days: float, frequency_cap: int,
+                         ) -> tuple[dict[int, dict[int, int]], dict[int, dict[int, list[int]]]]:  # fmt: skip
+    """Per customer row, the last decline of each product and the recent impressions of each, within
+    ``horizon_days`` before ``cutoff``: what the cooling-off and the frequency cap read from the data."""
+    recent = events.between(int(cutoff - horizon_days * DAY), cutoff)
+    keep = max(frequency_cap, 1)
+    declined: dict[int, dict[int, int]] = defaultdict(dict)
+    shown: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for u, p, t, e in zip(recent.user.tolist(), recent.product.tolist(), recent.ts.tolist(), recent.etype.tolist(),
+                          strict=True):  # fmt: skip
+        if e == ETYPE["decline"]:
+            declined[u][p] = max(t, declined[u].get(p, t))
+        elif e == ETYPE["impression"]:
+            lst = shown[u][p]
+            lst.append(t)
+            if len(lst) > 4 * keep:  # only the most recent ones can matter
+                del lst[: len(lst) - keep]
+    return declined, shown
+
+
 def apply_guardrails(
     rules: ProductRules,
     rule_row: int,
@@ -146,6 +169,7 @@ def apply_guardrails(
     activity: list[Activity] | None = None,
     product_row: dict[str, int] | None = None,
     presence: dict[str, np.ndarray] | None = None,
+    seeded: CustomerRecord | None = None,
 ) -> GuardrailResult:
     """The products one customer may be shown and how many each guardrail removed.
 
@@ -164,6 +188,9 @@ def apply_guardrails(
         product id -> row map.
     presence
         ``rules.presence()`` when the caller keeps it (it depends on the catalogue only).
+    seeded
+        The customer's materialised record, which carries the data's recent declines and impressions when the
+        service has not loaded them (:meth:`LiveState.masks`).
     """
     n = rules.n_products
     removed = np.zeros(n, dtype=bool)
@@ -183,7 +210,7 @@ def apply_guardrails(
     holds[held] = True
     cool = cap = np.zeros(n, dtype=bool)
     if user_id is not None:
-        cool, cap, changes = live.masks(user_id, n, now, activity or [], product_row or {})
+        cool, cap, changes = live.masks(user_id, n, now, activity or [], product_row or {}, seeded)
         for prod, now_held in changes.items():
             if prod < n:
                 holds[prod] = now_held

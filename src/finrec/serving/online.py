@@ -29,6 +29,7 @@ from finrec.features.builder import BEHAVIOUR_TYPES, ENGAGED_TYPES, OWNERSHIP_TY
 from finrec.features.online import Activity
 
 if TYPE_CHECKING:
+    from finrec.serving.records import CustomerRecord
     from finrec.serving.scoring import CustomerInputs, ServingModel
 
 DAY = 86_400
@@ -51,7 +52,7 @@ def _counts(v: np.ndarray | float) -> np.ndarray:
     return np.rint(np.expm1(np.asarray(v, dtype=np.float64)))
 
 
-def live_customer(served: ServingModel, row: int, activity: list[Activity], now: float) -> LiveCustomer:
+def live_customer(served: ServingModel, record: CustomerRecord, activity: list[Activity], now: float) -> LiveCustomer:
     """Holdings, affinity and per-product live counts of one customer."""
     data = served.data
     rows = np.array([data.product_row.get(a.product_id, -1) for a in activity], dtype=np.int64)
@@ -59,7 +60,7 @@ def live_customer(served: ServingModel, row: int, activity: list[Activity], now:
     ts = np.array([a.ts for a in activity], dtype=np.float64)
     known = rows >= 0
     rows, types, ts = rows[known], types[known], ts[known]
-    held = set(data.held(row).tolist())
+    held = set(record.held.tolist())
     own = np.isin(types, OWNERSHIP_TYPES)
     for p, t in zip(rows[own], types[own], strict=True):  # activity is in time order: the last one decides
         if t == "close":
@@ -73,7 +74,7 @@ def live_customer(served: ServingModel, row: int, activity: list[Activity], now:
     imp = types == "impression"
     if imp.any():
         np.fmax.at(last_seen, rows[imp], ts[imp])
-    affinity = data.snap.category_affinity[row].copy() if data.snap.n_categories else np.zeros(1)
+    affinity = np.array(record.affinity, dtype=np.float64) if data.snap.n_categories else np.zeros(1)
     eng = np.isin(types, ENGAGED_TYPES)
     if data.snap.n_categories and eng.any():
         n_cat = data.snap.n_categories
@@ -89,11 +90,11 @@ def live_customer(served: ServingModel, row: int, activity: list[Activity], now:
     return LiveCustomer(now, np.array(sorted(held), dtype=np.int64), affinity, pair_counts, last_seen, positives)
 
 
-def overlay(served: ServingModel, row: int, activity: list[Activity], now: float) -> CustomerInputs:
+def overlay(served: ServingModel, record: CustomerRecord, activity: list[Activity], now: float) -> CustomerInputs:
     """The customer's model inputs with their live events since the cutoff applied."""
     from finrec.serving.scoring import CustomerInputs
 
-    live = live_customer(served, row, activity, now)
+    live = live_customer(served, record, activity, now)
     data, space = served.data, served.model.space
     values: dict[str, float] = {}
     ts = np.array([a.ts for a in activity], dtype=np.float64)
@@ -105,7 +106,7 @@ def overlay(served: ServingModel, row: int, activity: list[Activity], now: float
             if name in col:
                 live_n = int(((types == t) & (ts >= now - w * DAY)).sum())
                 if live_n:
-                    values[name] = float(np.log1p(_counts(served.user_tab[row, col[name]]) + live_n))
+                    values[name] = float(np.log1p(_counts(record.tabular[col[name]]) + live_n))
     if len(ts):
         values["days_since_last_event"] = (now - ts.max()) / DAY
     eng = np.isin(types, ENGAGED_TYPES)
@@ -117,8 +118,8 @@ def overlay(served: ServingModel, row: int, activity: list[Activity], now: float
     for j, cname in enumerate(names):
         values[f"holds_{cname}"] = float(j in held_cats)
         values[f"affinity_{cname}"] = float(live.affinity[j])
-    tab = served.user_tab[row].copy()
-    dense = served.user_dense[row].copy() if served.user_dense is not None else None
+    tab = np.array(record.tabular, dtype=np.float32)
+    dense = np.array(record.dense, dtype=np.float32) if record.dense is not None else None
     dense_cols = served.dense_columns
     for name, v in values.items():
         if name not in col:
@@ -134,9 +135,9 @@ def overlay(served: ServingModel, row: int, activity: list[Activity], now: float
         length = served.model.config.history_length
         order = np.argsort(-ts[eng], kind="stable")
         recent = [data.product_row.get(activity[i].product_id, -1) for i in np.flatnonzero(eng)[order]]
-        seq = list(dict.fromkeys([p for p in recent if p >= 0] + [int(p) for p in data.history(length)[row] if p >= 0]))
+        seq = list(dict.fromkeys([p for p in recent if p >= 0] + [int(p) for p in record.history if p >= 0]))
         hist = np.full((1, length), -1, dtype=np.int64)
         seq = seq[:length]
         hist[0, : len(seq)] = served.train_rows[np.asarray(seq, dtype=np.int64)] if seq else []
         emb = served.model.retriever.user_embeddings(dense[None, :], hist)[0]
-    return CustomerInputs(row, emb, tab, None, live)
+    return CustomerInputs(record, emb, tab, None, live)

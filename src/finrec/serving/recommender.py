@@ -172,21 +172,26 @@ class Recommender:
         """
         now = self.clock()
         assignment, model, mapper = self._route(user_id, now)
-        row = model.data.user_row(user_id)
+        record = model.lookup(user_id)  # the data's, or one round trip to the materialised records
         if self.follower is not None:
             self.follower.ensure_current()  # after an outage of the online store: what it missed, first
-        if row < 0:
+        if record is None:
             raise UnknownCustomerError(f"customer {user_id!r} is not known to this service",
                                        hint="check the id, or send the profile to POST /recommend")  # fmt: skip
-        consent = float(model.data.consent[row]) if model.data.consent is not None else float("nan")
+        data = model.data
+        given = record.profile.get("marketing_consent")
+        consent = float("nan") if given is None else float(given)
+        row = data.user_row(user_id)
+        # A service without the customers' rows reads the customer's rules from the record, as a prospect's.
+        rules = data.rules if row >= 0 else data.rules.with_profile(record.profile)
         # One read of the online store per request: what the guardrails' windows need and what happened since
         # the data's cutoff (only the latter changes features: earlier events are in the snapshot already).
-        cutoff = model.data.cutoff
+        cutoff = data.cutoff
         activity = self.live.activity(user_id, int(min(cutoff, now - self.live.horizon_days * DAY)))
-        guard = apply_guardrails(model.data.rules, row, now, consent, model.data.held(row), self.live, user_id,
-                                 activity, model.data.product_row, model.data.rule_presence)  # fmt: skip
+        guard = apply_guardrails(rules, max(row, 0), now, consent, record.held, self.live, user_id, activity,
+                                 data.product_row, data.rule_presence, record)  # fmt: skip
         since_cutoff = [a for a in activity if a.ts >= cutoff]
-        return self._answer(model, mapper, model.customer(row, since_cutoff, now), guard, k, request_id, user_id,
+        return self._answer(model, mapper, model.customer(record, since_cutoff, now), guard, k, request_id, user_id,
                             "customer", assignment, now)  # fmt: skip
 
     def recommend_prospect(self, profile: Mapping[str, Any], k: int = 10, request_id: str | None = None) -> Answer:
@@ -287,9 +292,9 @@ class Recommender:
         model = self.model
         now = self.clock()
         data = model.data
+        known = _KnownCustomers(model, items)
         batch = parse_events(items, data.product_row.__contains__, int(now), self.future_tolerance_seconds,
-                             max_batch=max_batch or self.max_events,
-                             known_user=lambda u: data.user_row(u) >= 0,
+                             max_batch=max_batch or self.max_events, known_user=known,
                              trust=None if trusted else self._untrusted_problems(now))  # fmt: skip
         accepted = [self._attribute(e, now) for e in batch.accepted]
         stored = self.events.append(accepted) if accepted else []
@@ -351,6 +356,24 @@ class Recommender:
             a, model, _ = self._route(event.user_id, now)
             known = (a.arm, model.version)
         return dataclasses.replace(event, arm=event.arm or known[0], model_version=event.model_version or known[1])
+
+
+class _KnownCustomers:
+    """``known_user`` of one batch of events: the batch's customer ids looked up at once (one round trip when the
+    records live in Redis), any other id on its own."""
+
+    def __init__(self, model: ServingModel, items: list[Any]) -> None:
+        self.model = model
+        ids = [str(it["user_id"]) for it in items if isinstance(it, dict) and isinstance(it.get("user_id"), str | int)]
+        self.checked = set(ids)
+        self.found = model.known(sorted(self.checked)) if model.customers is not None and ids else set()
+
+    def __call__(self, user_id: str) -> bool:
+        if self.model.customers is None:
+            return self.model.data.user_row(user_id) >= 0
+        if user_id in self.checked:
+            return user_id in self.found
+        return bool(self.model.known([user_id]))
 
 
 _AUDITED = ("request_id", "model_version", "experiment", "arm", "served_at", "k", "excluded")

@@ -16,8 +16,8 @@ is what is served.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -28,10 +28,68 @@ from finrec.errors import ArtifactError
 from finrec.features.online import Activity
 from finrec.retrieval.index import make_index
 from finrec.serving.online import LiveCustomer, overlay
+from finrec.serving.records import CustomerRecord
 from finrec.serving.state import ServingData
 from finrec.twostage.model import TwoStageModel, approval_odds_of, merge_candidates, score_candidates, top_k
 
 _EMBED_BLOCK = 50_000
+
+
+def version_of(manifest: dict[str, Any]) -> str:
+    """A bundle's model version, from its manifest."""
+    return str(manifest.get("metrics", {}).get("model_version") or "unversioned")
+
+
+@dataclass
+class CustomerArrays:
+    """Every customer of a :class:`ServingData` in one model's encodings: what a record takes from the model."""
+
+    tabular: np.ndarray  # (n_users, n_user_features) float32, the ranker's customer block
+    dense: np.ndarray | None  # (n_users, n_dense) float32, the two-tower's customer input
+    embedding: np.ndarray | None  # (n_users, dim) float32
+    positives: Any  # (n_users, n_products) CSR of positives at the cutoff, None without candidate sources
+    segments: np.ndarray | None  # (n_users,) segment codes (-1 unknown), None without a segment column
+
+    def record(self, data: ServingData, row: int, history_length: int) -> CustomerRecord:
+        """The record of the customer at ``row``: the data's part and this model's."""
+        base = data.customer_record(row, history_length)
+        positives = np.sort(self.positives[row].indices).astype(np.int64) if self.positives is not None else None
+        return replace(
+            base, tabular=self.tabular[row], dense=None if self.dense is None else self.dense[row],
+            embedding=None if self.embedding is None else self.embedding[row],
+            positives=base.positives if positives is None else positives,
+            segment=None if self.segments is None else int(self.segments[row]),
+        )  # fmt: skip
+
+
+def encode_customers(model: TwoStageModel, data: ServingData, sources: SourceSet | None) -> CustomerArrays:
+    """Every customer of ``data`` in ``model``'s encodings (none for a service without the customers' rows)."""
+    builder, snap = data.builder, data.snap
+    all_users = np.arange(data.n_users)
+    tab = model.space.user_tabular(snap.users, all_users).astype(np.float32)
+    dense = emb = None
+    if model.retriever is not None:
+        dense = model.space.user_dense(snap)  # kept to re-embed a customer with live events
+        history = data.history(model.config.history_length)
+        emb = np.vstack([
+            model.user_embeddings(builder, snap, all_users[s : s + _EMBED_BLOCK], history)
+            for s in range(0, data.n_users, _EMBED_BLOCK)
+        ]) if data.n_users else np.zeros((0, model.retriever.config.embedding_dim), np.float32)  # fmt: skip
+    positives = model.positives(builder, snap).matrix if sources is not None and data.n_users else None
+    segments = sources.segment_codes(data.ds.users) if sources is not None else None
+    return CustomerArrays(tab, dense, emb, positives, segments)
+
+
+class CustomerLookup(Protocol):
+    """Where a service without the customers' snapshot finds each customer's record (one per model version)."""
+
+    def find(self, user_id: str) -> CustomerRecord | None:
+        """The customer's record, None for an id that is not a customer."""
+        ...
+
+    def known(self, user_ids: list[str]) -> set[str]:
+        """Which of the ids are customers."""
+        ...
 
 
 @dataclass
@@ -49,9 +107,9 @@ class Ranked:
 
 @dataclass
 class CustomerInputs:
-    """What the model needs about one customer: a known row or a prospect's profile."""
+    """What the model needs about one customer: a known customer's record or a prospect's profile."""
 
-    row: int  # -1 for a prospect
+    record: CustomerRecord | None  # None for a prospect
     embedding: np.ndarray | None  # (dim,) float32; None without a retriever
     tabular: np.ndarray  # (n_user_features,) float32
     profile: dict[str, Any] | None = None
@@ -69,11 +127,12 @@ class ServingModel:
         The customers' and products' state; shared by successive models on reload.
     """
 
-    def __init__(self, model: TwoStageModel, manifest: dict[str, Any], data: ServingData) -> None:
+    def __init__(self, model: TwoStageModel, manifest: dict[str, Any], data: ServingData,
+                 customers: CustomerLookup | None = None) -> None:  # fmt: skip
         self.model = model
         self.manifest = manifest
         self.data = data
-        self.version = str(manifest.get("metrics", {}).get("model_version") or "unversioned")
+        self.version = version_of(manifest)
         self.n_candidates = model.config.n_candidates
         self.demote_below = model.config.demote_below
         snap, builder = data.snap, data.builder
@@ -85,40 +144,63 @@ class ServingModel:
         self.pair_columns = list(model.pair_columns)
         self.approval_cols = model.approval_features(self.names) if model.approval is not None else []
         self.odds_col = self.names.index("approval_odds") if "approval_odds" in self.names else -1
-        all_users = np.arange(data.n_users)
-        self.user_tab = model.space.user_tabular(snap.users, all_users).astype(np.float32)
+        # Customers come from the data's arrays, or one per request from ``customers`` (materialised in Redis).
+        self.customers = customers
+        if data.catalogue is not None and customers is None:
+            raise ArtifactError("a service without the customers' snapshot needs their materialised records",
+                                hint="set serve.customer_features to the Redis URL `finrec materialize` wrote to")
+        if data.catalogue is not None and model.sources is not None:
+            model.set_sources(snap, model.sources)  # `finrec materialize` checked that they are the snapshot's
         self.user_column = {c: j for j, c in enumerate(model.space.user_numeric)}  # position in user_tab
         self.dense_columns = model.space.user_dense_columns()
         self.train_rows = model.product_rows(builder)  # current product row -> the two-tower's id row (-1: new)
         self.product_tab = model.space.product_tabular(snap.products, np.arange(data.n_products)).astype(np.float32)
-        self.user_emb: np.ndarray | None = None
-        self.user_dense: np.ndarray | None = None
         self.index: Any = None
+        self.history_length = model.config.history_length if model.retriever is not None else 0
         if model.retriever is not None:
-            self.user_dense = model.space.user_dense(snap)  # kept to re-embed a customer with live events
-            item_emb = model.item_embeddings(builder, snap)
-            self.index = make_index(model.config.index, item_emb)  # type: ignore[arg-type]
-            history = data.history(model.config.history_length)
-            self.user_emb = np.vstack([
-                model.user_embeddings(builder, snap, all_users[s : s + _EMBED_BLOCK], history)
-                for s in range(0, data.n_users, _EMBED_BLOCK)
-            ]) if data.n_users else np.zeros((0, model.retriever.config.embedding_dim), np.float32)  # fmt: skip
+            self.index = make_index(model.config.index, model.item_embeddings(builder, snap))  # type: ignore[arg-type]
         self.popularity = model.popularity_scores(builder)
         self.item_emb = model.item_embeddings(builder, snap) if model.retriever is not None else None
-        # Candidate sources at the data's cutoff (the bundle's own fit when the data is the one it was trained on),
-        # each customer's positives at the cutoff and segment: what the sources score from.
+        # Candidate sources at the data's cutoff (the bundle's own fit when the data is the one it was trained on).
         self.sources = model.sources_at(builder, snap)
-        self.positives = model.positives(builder, snap).matrix if self.sources is not None else None
-        self.segments = self.sources.segment_codes(data.ds.users) if self.sources is not None else None
+        enc = encode_customers(model, data, self.sources)
+        self.user_tab, self.user_dense, self.user_emb = enc.tabular, enc.dense, enc.embedding
+        self.positives, self.segments = enc.positives, enc.segments
         self.serve = model.serve
 
     # -- customers ----------------------------------------------------------------------------------
-    def customer(self, row: int, activity: list[Activity] | None = None, now: float | None = None) -> CustomerInputs:
-        """A known customer's inputs: the snapshot's, with their live events since the cutoff applied if any."""
+    def record(self, row: int) -> CustomerRecord:
+        """The record of the customer at ``row`` of the data: what `finrec materialize` writes for them."""
+        return CustomerArrays(self.user_tab, self.user_dense, self.user_emb, self.positives,
+                              self.segments).record(self.data, row, self.history_length)  # fmt: skip
+
+    def lookup(self, user_id: str) -> CustomerRecord | None:
+        """A known customer's record (None: not a customer of the data); may raise
+        :class:`~finrec.storage.StoreUnavailable` when the records live in Redis."""
+        if self.customers is not None:
+            return self.customers.find(user_id)
+        row = self.data.user_row(user_id)
+        return None if row < 0 else self.record(row)
+
+    def known(self, user_ids: list[str]) -> set[str]:
+        """Which of ``user_ids`` are customers (one round trip when the records live in Redis)."""
+        if self.customers is not None:
+            return self.customers.known(user_ids)
+        return {u for u in user_ids if self.data.user_row(u) >= 0}
+
+    @property
+    def n_customers(self) -> int:
+        return self.data.n_customers
+
+    def customer(self, record: CustomerRecord | int, activity: list[Activity] | None = None,
+                 now: float | None = None) -> CustomerInputs:  # fmt: skip
+        """A known customer's inputs (a record, or the data's row of one): the snapshot's, with their live events
+        since the cutoff applied if any."""
+        if not isinstance(record, CustomerRecord):
+            record = self.record(int(record))
         if activity:
-            return overlay(self, row, activity, float(self.data.cutoff if now is None else now))
-        emb = self.user_emb[row] if self.user_emb is not None else None
-        return CustomerInputs(row, emb, self.user_tab[row])
+            return overlay(self, record, activity, float(self.data.cutoff if now is None else now))
+        return CustomerInputs(record, record.embedding, record.tabular)
 
     def prospect(self, profile: dict[str, Any]) -> CustomerInputs:
         frame = self.data.prospect_frame(profile)
@@ -128,20 +210,20 @@ class ServingModel:
             dense = self.model.space.user_dense(frame)
             hist = np.full((1, self.model.config.history_length), -1, dtype=np.int64)
             emb = self.model.retriever.user_embeddings(dense, hist)[0]
-        return CustomerInputs(-1, emb, tab, dict(profile))
+        return CustomerInputs(None, emb, tab, dict(profile))
 
     # -- the request path ---------------------------------------------------------------------------
     def _source_scores(self, who: CustomerInputs) -> dict[str, np.ndarray]:
         """Every source's (1, n_products) scores for one customer: positives at the cutoff plus live ones."""
-        if self.sources is None or self.positives is None:
+        if self.sources is None:
             return {}
         n = self.data.n_products
-        mine = self.positives[who.row].indices if who.row >= 0 else np.empty(0, np.int64)
+        mine = who.record.positives if who.record is not None else np.empty(0, np.int64)
         if who.live is not None and who.live.positives is not None and len(who.live.positives):
             mine = np.union1d(mine, who.live.positives)
         history = one_row(mine, n)
-        if who.row >= 0:
-            seg = None if self.segments is None else self.segments[who.row : who.row + 1]
+        if who.record is not None:
+            seg = None if who.record.segment is None else np.array([who.record.segment])
         else:
             column = self.sources.segment_column
             seg = None if column is None else np.array([self.sources.code_of((who.profile or {}).get(column))])
@@ -191,7 +273,7 @@ class ServingModel:
         X = np.empty((n, len(self.names)), dtype=np.float32)
         X[:, : self.n_user] = who.tabular
         X[:, self.n_user : self.n_user + self.product_tab.shape[1]] = self.product_tab[items]
-        pairs = self.data.pair_block(who.row, items, self.pair_columns, who.profile, who.live)
+        pairs = self.data.pair_block(who.record, items, self.pair_columns, who.profile, who.live)
         ret_all = np.where(allowed, self._retrieval_scores(who), -np.inf)
         ret_rank = ranks_among(ret_all[None, :], allowed[None, :])[0]
         extra = SourceSet.features(src, allowed[None, :], np.zeros(n, np.int64), items) if src else {}
@@ -237,10 +319,10 @@ class ServingModel:
         contrib = ranker.contributions(features)
         return contrib if projection is None else contrib @ projection
 
-    def warm_up(self, rows: np.ndarray) -> None:
+    def warm_up(self, records: list[CustomerRecord]) -> None:
         """Score a few customers end to end, so the first real request pays no lazy initialisation."""
-        for r in rows:
-            out = self.rank(self.customer(int(r)), np.ones(self.data.n_products, dtype=bool), 10)
+        for r in records:
+            out = self.rank(self.customer(r), np.ones(self.data.n_products, dtype=bool), 10)
             if not np.all(np.isfinite(out.scores)):
                 raise ArtifactError(f"model {self.version} produced non-finite scores during warm-up",
                                     hint="the bundle is broken; retrain with `finrec train`")  # fmt: skip
@@ -255,7 +337,7 @@ class ServingModel:
             "trees": int(ranker.booster_.current_iteration()) if ranker is not None else 0,
             "features": len(self.names),
             "products": self.data.n_products,
-            "customers": self.data.n_users,
+            "customers": self.data.n_customers,
             "data_fingerprint": self.data.ds.fingerprint,
             "data_cutoff": pd.Timestamp(self.data.cutoff, unit="s", tz="UTC").isoformat(),
         }

@@ -42,7 +42,7 @@ from finrec.serving.guardrails import GuardrailPolicy, LiveState
 from finrec.serving.metrics import ServiceMetrics
 from finrec.serving.recommender import Recommender
 from finrec.serving.request_ids import RequestSigner
-from finrec.serving.scoring import ServingModel
+from finrec.serving.scoring import ServingModel, version_of
 from finrec.serving.state import ServingData
 from finrec.storage import CircuitBreaker, Guarded, StoreUnavailable, store_unavailable
 
@@ -58,12 +58,23 @@ _KEEP_LOADED = 2
 
 
 def load_serving_model(model_dir: Path, data: ServingData) -> ServingModel:
-    """Load, check and warm up a bundle against the service's data; raises :class:`ArtifactError` if unusable."""
+    """Load, check and warm up a bundle against the service's data; raises :class:`ArtifactError` if unusable.
+
+    A service without the customers' rows (``serve.customer_features``) reads the records materialised for this
+    bundle's version from the same snapshot; a version without them is refused like a broken bundle.
+    """
     try:
         model, manifest = load_model(model_dir)
-        served = ServingModel(model, manifest, data)
-        rows = np.linspace(0, max(data.n_users - 1, 0), min(_WARM_UP_CUSTOMERS, data.n_users)).astype(np.int64)
-        served.warm_up(rows)
+        customers = None
+        if data.catalogue is not None:
+            customers = data.catalogue.source.customers_for(version_of(manifest), data.catalogue.snapshot_id)
+        served = ServingModel(model, manifest, data, customers)
+        if customers is not None:
+            records = customers.sample(_WARM_UP_CUSTOMERS)
+        else:
+            rows = np.linspace(0, max(data.n_users - 1, 0), min(_WARM_UP_CUSTOMERS, data.n_users)).astype(np.int64)
+            records = [served.record(int(r)) for r in rows]
+        served.warm_up(records)
     except FinrecError:
         raise
     except Exception as exc:  # a bundle that loads but breaks on use is as unusable as a missing one
@@ -130,12 +141,19 @@ class Service:
                               "one: `finrec registry register BUNDLE` then `finrec registry promote VERSION`")
         t0 = time.perf_counter()
         _, manifest = load_model(default[1])
-        data_dir = data_dir or srv.data or Path(manifest.get("inputs", {}).get("data", ""))
-        if not data_dir or not Path(data_dir).is_dir():
-            raise FinrecError(f"the customers' data folder {data_dir} does not exist",
-                              hint="pass --data (the dataset with the customers and products to serve)")  # fmt: skip
-        ds = load_dataset(Path(data_dir), future_tolerance_seconds=settings.validation.future_tolerance_seconds)
-        data = ServingData(ds, settings)
+        policy = GuardrailPolicy(srv.cooling_off_days, srv.frequency_cap, srv.frequency_window_days,
+                                 srv.require_marketing_consent)  # fmt: skip
+        if srv.customer_features:
+            from finrec.serving.materialized import materialized_data
+
+            data = materialized_data(settings, version_of(manifest), policy)
+        else:
+            data_dir = data_dir or srv.data or Path(manifest.get("inputs", {}).get("data", ""))
+            if not data_dir or not Path(data_dir).is_dir():
+                raise FinrecError(f"the customers' data folder {data_dir} does not exist",
+                                  hint="pass --data (the dataset with the customers and products to serve)")
+            ds = load_dataset(Path(data_dir), future_tolerance_seconds=settings.validation.future_tolerance_seconds)
+            data = ServingData(ds, settings)
         served = load_serving_model(default[1], data)
         loaded = {DEFAULT_MODEL: default[0]}
         others: dict[str, ServingModel] = {}
@@ -150,12 +168,11 @@ class Service:
             if found[0] not in by_key:
                 by_key[found[0]] = load_serving_model(found[1], data)
             others[ref], loaded[ref] = by_key[found[0]], found[0]
-        policy = GuardrailPolicy(srv.cooling_off_days, srv.frequency_cap, srv.frequency_window_days,
-                                 srv.require_marketing_consent)  # fmt: skip
         event_url = srv.event_store_url(settings.workspace)
         events: Any = open_event_store(event_url, settings.events.durability, srv.store_timeout_seconds)
         online: Any = open_online_store(srv.online_store, timeout=srv.store_timeout_seconds)
-        blocking = not (event_url.startswith("memory:") and srv.online_store.startswith("memory:"))
+        blocking = not (event_url.startswith("memory:") and srv.online_store.startswith("memory:")
+                        and data.catalogue is None)  # fmt: skip
         if not event_url.startswith("memory:"):  # stores that can fail fail fast while they are down
             events = Guarded(events, CircuitBreaker("event store", srv.breaker_failures, srv.breaker_reset_seconds))
         if not srv.online_store.startswith("memory:"):
@@ -184,7 +201,7 @@ class Service:
                                   request_max_age_seconds=srv.request_id_max_age_days * 86_400,
                                   follower=follower)  # fmt: skip
         seconds = round(time.perf_counter() - t0, 2)
-        log.info("service ready", extra={"model_version": served.version, "customers": data.n_users,
+        log.info("service ready", extra={"model_version": served.version, "customers": data.n_customers,
                                          "products": data.n_products, "seconds": seconds,
                                          "models": {r: m.version for r, m in recommender.models().items()},
                                          "source": source.kind})  # fmt: skip
@@ -209,7 +226,12 @@ class Service:
         """``ok`` or what is wrong, per store (a cheap call to each, through its circuit breaker)."""
         out: dict[str, str] = {}
         rec = self.recommender
-        for name, call in (("event_store", rec.events.count), ("online_store", rec.live.store.position)):
+        checks: list[tuple[str, Callable[[], Any]]] = [("event_store", rec.events.count),
+                                                        ("online_store", rec.live.store.position)]
+        catalogue = rec.model.data.catalogue
+        if catalogue is not None:
+            checks.append(("customer_features", catalogue.source.ping))
+        for name, call in checks:
             try:
                 call()
                 out[name] = "ok"

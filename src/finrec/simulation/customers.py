@@ -62,7 +62,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from finrec.data.io import find_table, quote_literal
+from finrec.data.io import find_table, quote_literal, scan_sql
 from finrec.data.synthetic import params as P
 from finrec.data.synthetic.truth import GroundTruth
 from finrec.errors import DataError, FinrecError
@@ -314,7 +314,7 @@ def read_holding_events(world: Path) -> pd.DataFrame:
         with duckdb.connect() as con:
             return con.execute(
                 f"SELECT user_id, product_id, CAST(event_type AS VARCHAR) AS event_type, timestamp "
-                f"FROM {quote_literal(str(path))} WHERE CAST(event_type AS VARCHAR) IN ({types})"
+                f"FROM {scan_sql(path)} WHERE CAST(event_type AS VARCHAR) IN ({types})"
             ).df()
     except duckdb.Error as exc:
         raise DataError(f"cannot read the events of {world}: {exc}",

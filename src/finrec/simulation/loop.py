@@ -244,7 +244,15 @@ class _Run:
         """The decoded JSON answer, or None after recording the failure by kind with the server's message."""
         rec = self.recorder
         try:
-            r = self.client.request(method, path, **kwargs)
+            try:
+                r = self.client.request(method, path, **kwargs)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # A kept-alive connection can be closed by the service just as a request goes out on it (its idle
+                # timeout fires): the request never reached the application. Sent once more on a new connection,
+                # as browsers and urllib3 do; safe here, since a recommendation is a read and events carry ids the
+                # service deduplicates. A service that is down fails the second try too, and that is recorded.
+                rec.resend()
+                r = self.client.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
             rec.failure(stage, "timeout", None, f"no answer within the timeout ({type(exc).__name__})")
             return None

@@ -200,6 +200,7 @@ class SimulationRecorder:
         self.latencies: list[float] = []
         self.lags: list[float] = []
         self.notes: list[str] = []
+        self.resent = 0
 
     def request(self, lag: float) -> None:
         """A request is sent, ``lag`` seconds after it was due (the pool was busy)."""
@@ -240,6 +241,11 @@ class SimulationRecorder:
             else:
                 self._more_messages += count
 
+    def resend(self) -> None:
+        """A request is sent again: the service reset the kept-alive connection it went out on."""
+        with self._lock:
+            self.resent += 1
+
     def note(self, text: str) -> None:
         with self._lock:
             self.notes.append(text)
@@ -258,6 +264,11 @@ class SimulationRecorder:
                 messages.append({"stage": None, "kind": "other", "status": None, "count": self._more_messages,
                                  "message": f"{self._more_messages} more failures with other messages"})  # fmt: skip
             failed = self.failures.get("recommend", Counter()).total()
+            notes = list(self.notes)
+            if self.resent:
+                notes.append(f"{self.resent} requests were sent again on a new connection after the service reset "
+                             "the kept-alive one they went out on (none of them counts as a failure unless the "
+                             "second try failed too)")  # fmt: skip
             return SimulationReport(
                 config=config, planned=planned, sent=self.sent, answered=self.answered, failed=failed,
                 wall_seconds=wall_seconds, window_seconds=self.window_seconds,
@@ -265,7 +276,7 @@ class SimulationRecorder:
                 windows={k: _copy(t) for k, t in self.windows.items()},
                 failures={s: dict(c) for s, c in self.failures.items()}, messages=messages,
                 latency_ms=_quantiles([x * 1000 for x in self.latencies]), lag_seconds=_lag(self.lags),
-                interrupted=interrupted, notes=list(self.notes),
+                interrupted=interrupted, notes=notes,
             )  # fmt: skip
 
 

@@ -83,8 +83,8 @@ class TwoStageModel:
         # What answers: "stack" (candidates from every source, ordered by the ranker) or one source alone
         # ("two_tower" or a source name), as the training plan's selection guard chose on validation.
         self.serve = serve
-        # Per-snapshot work that every block of customers shares: dense customer features,
-        # product embeddings, candidate indexes. One entry; a new snapshot replaces it. The
+        # Per-snapshot work that every block of customers shares: product embeddings, candidate indexes,
+        # positives and sources. One entry; a new snapshot replaces it. The
         # snapshot itself is kept so its id cannot be reused while the entry lives.
         self._cache: tuple[Snapshot, dict[str, Any]] | None = None
 
@@ -118,6 +118,10 @@ class TwoStageModel:
     def set_retriever(self, retriever: TwoTowerModel) -> None:
         """Serve ``retriever`` from now on (a refit): the old towers' cached embeddings and indexes are dropped."""
         self.retriever = retriever
+        self._cache = None
+
+    def release_snapshot(self) -> None:
+        """Drop what was kept for the last snapshot (it and its positives, sources, embeddings, indexes)."""
         self._cache = None
 
     def set_sources(self, snap: Snapshot, sources: SourceSet) -> None:
@@ -181,10 +185,9 @@ class TwoStageModel:
         self, builder: FeatureBuilder, snap: Snapshot, users: np.ndarray, history: np.ndarray
     ) -> np.ndarray:
         assert self.retriever is not None
-        cache = self._snapshot_cache(snap)
-        if "user_dense" not in cache:
-            cache["user_dense"] = self.space.user_dense(snap)
-        ux = cache["user_dense"][users]
+        # The requested customers' rows only: a cached matrix of every customer's would make memory grow with the
+        # book wherever a sample of customers is scored (training, validation, the drift reference).
+        ux = self.space.user_dense(snap.users.iloc[users])
         # History holds current product rows; the model's id table is indexed by training rows.
         rows = self.product_rows(builder)
         h = history[users]

@@ -57,6 +57,9 @@ GUARD_SHARE = 0.25
 MAX_GUARD_CUSTOMERS = 30_000
 #: Customers used to choose a source's hyperparameters (EASE's penalty, the segment column).
 MAX_TUNE_CUSTOMERS = 5_000
+#: Customers whose recall early-stops the two-tower, at most (a seeded sample above: the recall of 100k customers
+#: is as decisive as that of more, and their features would otherwise grow with the book).
+MAX_RETRIEVAL_VALIDATION_CUSTOMERS = 100_000
 BLOCK = 2_000
 GUARD_K = 10
 
@@ -135,33 +138,41 @@ def train_two_stage(
         model, report = _train_without_impressions(ds, settings, progress)
     if model.ranker is None and model.retriever is None and model.sources is None:
         model.serve = "popularity"  # what answers then, and what the manifest and `finrec train` say
+    model.release_snapshot()  # the training snapshot (a frame of every customer) is not the model's to keep
     return model, report
 
 
 # -- shared steps --------------------------------------------------------------------------------------
 def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: FeatureSpace, settings: FinrecSettings,
                    report: TrainingReport, progress: bool, exclude: np.ndarray | None = None,
-                   epochs: int | None = None) -> TwoTowerModel | None:  # fmt: skip
+                   epochs: int | None = None, known: Snapshot | None = None) -> TwoTowerModel | None:  # fmt: skip
     """The two-tower on the retrieval windows of ``split``, early-stopped on its ranker window.
 
     ``exclude``: customers kept out of the early stopping (the selection guard's: a model whose epochs were
     chosen on them would look better to the guard than it is). ``epochs``: a refit for that many epochs,
-    without a validation window (the refit's windows end where the held-out one begins).
+    without a validation window (the refit's windows end where the held-out one begins). ``known``: a snapshot
+    the caller holds, used where a window's cutoff is its own instead of building it again.
+
+    Memory follows the sample: the positive pairs of every window are read first (a few bytes each) and sampled
+    down to ``max_retrieval_pairs``; then each window's snapshot is built in turn, only the sampled customers'
+    features are kept from it, and it is dropped before the next one.
     """
     t, ds = settings.train, builder.ds
     grades = dict(settings.events.grades)
-    snaps = [builder.snapshot(c) for c in split.retrieval_cutoffs]
-    rank_snap = builder.snapshot(split.rank_cutoff)
-    ux_parts, hist_parts, pair_parts, weight_parts = [], [], [], []
+
+    def snapshot(cutoff: int) -> Snapshot:
+        return known if known is not None and known.cutoff == cutoff else builder.snapshot(cutoff)
+
+    windows: list[tuple[int, np.ndarray, int]] = []  # cutoff, its customers, their first training row
+    pair_parts, weight_parts = [], []
     offset = 0
-    for snap in snaps:
-        pos = _positives(builder, snap.cutoff, snap.cutoff + split.label_seconds, grades, t.retrieval_min_grade)
+    for cutoff in split.retrieval_cutoffs:
+        pos = _positives(builder, cutoff, cutoff + split.label_seconds, grades, t.retrieval_min_grade)
         users = np.unique(pos["user"].to_numpy())
         if not len(users):
             continue
         row = pd.Index(users).get_indexer(pos["user"].to_numpy()) + offset
-        ux_parts.append(space.user_dense(snap)[users])
-        hist_parts.append(builder.history(snap.cutoff, t.history_length)[users])
+        windows.append((cutoff, users, offset))
         pair_parts.append(np.column_stack([row, pos["product"].to_numpy()]))
         weight_parts.append(pos["grade"].to_numpy(np.float32))
         offset += len(users)
@@ -172,24 +183,53 @@ def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: Feature
     if exclude is not None and len(exclude):
         val_pos = val_pos[~np.isin(val_pos["user"].to_numpy(), exclude)]
     val_users = np.unique(val_pos["user"].to_numpy())
+    if len(val_users) > MAX_RETRIEVAL_VALIDATION_CUSTOMERS:  # early stopping on a seeded sample of them
+        val_users = np.sort(np.random.default_rng(t.seed + 4).choice(val_users, MAX_RETRIEVAL_VALIDATION_CUSTOMERS,
+                                                                     replace=False))  # fmt: skip
+        val_pos = val_pos[np.isin(val_pos["user"].to_numpy(), val_users)]
+        report.metrics.setdefault("retrieval", {})["sampled_validation_customers"] = MAX_RETRIEVAL_VALIDATION_CUSTOMERS
     n_pairs = sum(len(p) for p in pair_parts)
     if n_pairs < MIN_RETRIEVAL_PAIRS or (epochs is None and not len(val_users)):
         report.fallbacks.append(f"retrieval: two-tower not used: only {n_pairs} positive pairs in the retrieval "
                                 f"windows (need {MIN_RETRIEVAL_PAIRS}) or none in its validation window; candidates "
                                 "come from the other sources")  # fmt: skip
         return None
-    ux = np.vstack([*ux_parts, space.user_dense(rank_snap)[val_users]])
-    hist = np.vstack([*hist_parts, builder.history(split.rank_cutoff, t.history_length)[val_users]])
     pairs = np.vstack(pair_parts).astype(np.int64)
     weights = np.concatenate(weight_parts)
     if len(pairs) > t.max_retrieval_pairs:  # a seeded sample bounds an epoch's time on large event logs
         keep = np.sort(np.random.default_rng(t.seed).choice(len(pairs), t.max_retrieval_pairs, replace=False))
         pairs, weights = pairs[keep], weights[keep]
         report.metrics.setdefault("retrieval", {})["sampled_pairs"] = int(t.max_retrieval_pairs)
+    # Features of the customer-windows the sample kept, in their order (rows renumbered, so the model learns
+    # exactly what it would from every customer-window's features).
+    used = np.unique(pairs[:, 0])
+    pairs[:, 0] = np.searchsorted(used, pairs[:, 0])
+    ux_parts, hist_parts = [], []
+    item_x: np.ndarray | None = None
+    last = split.retrieval_cutoffs[-1] if len(split.retrieval_cutoffs) else None
+    for cutoff, users, first in windows:
+        rows = users[used[(used >= first) & (used < first + len(users))] - first]
+        if not len(rows) and cutoff != last:
+            continue
+        snap = snapshot(cutoff)
+        ux_parts.append(space.user_dense(snap.users.iloc[rows]))
+        hist_parts.append(builder.history(cutoff, t.history_length)[rows])
+        if cutoff == last:
+            item_x = space.product_dense(snap)
+        del snap
+    if item_x is None and last is not None:  # no positives in the last window: products still read at its cutoff
+        item_x = space.product_dense(snapshot(last))
+    if len(val_users) or item_x is None:
+        rank_snap = snapshot(split.rank_cutoff)
+        ux_parts.append(space.user_dense(rank_snap.users.iloc[val_users]))
+        hist_parts.append(builder.history(split.rank_cutoff, t.history_length)[val_users])
+        item_x = space.product_dense(rank_snap) if item_x is None else item_x
+        del rank_snap
+    ux, hist = np.vstack(ux_parts), np.vstack(hist_parts)
+    del ux_parts, hist_parts
     val_pairs = np.column_stack(
-        [pd.Index(val_users).get_indexer(val_pos["user"].to_numpy()) + offset, val_pos["product"].to_numpy()]
+        [pd.Index(val_users).get_indexer(val_pos["user"].to_numpy()) + len(used), val_pos["product"].to_numpy()]
     ).astype(np.int64)
-    item_x = space.product_dense(snaps[-1] if snaps else rank_snap)
     # Early stopping needs a recall that can still improve: N candidates of a catalogue not much
     # bigger than N is recall 1.0 from the first epoch. Cap N at a tenth of the catalogue.
     recall_k = max(1, min(t.n_candidates, ds.n_products // 10))
@@ -220,16 +260,22 @@ def _fit_approval(model: TwoStageModel, builder: FeatureBuilder, snap: Snapshot,
     if not decided.any() or not (ev.etype[decided] == ETYPE["decline"]).any():
         report.fallbacks.append("approval odds: no approve and decline events; approval odds are not used")
         return
-    du, dp = ev.user[decided].astype(np.int64), ev.product[decided].astype(np.int64)
-    y = (ev.etype[decided] == ETYPE["approve"]).astype(int)
+    which = np.flatnonzero(decided)
+    limit = settings.train.max_approval_applications
+    if len(which) > limit:  # a seeded sample, in time order, bounds the table on large books
+        which = np.sort(np.random.default_rng(settings.train.seed).choice(which, limit, replace=False))
+        report.metrics.setdefault("approval", {})["sampled_applications"] = int(limit)
+    du, dp = ev.user[which].astype(np.int64), ev.product[which].astype(np.int64)
+    y = (ev.etype[which] == ETYPE["approve"]).astype(int)
     X, names = model.tabular(builder, snap, du, dp, np.zeros(len(du)), np.zeros(len(du)),
                              _zero_sources(model, len(du)))  # fmt: skip
     cols = model.approval_features(names)
     approval = ApprovalModel(ApprovalConfig(seed=settings.train.seed)).fit(
         X[:, cols], y, [names[i] for i in cols], categorical=[n for n in ("product_category",) if n in names],
-        time_order=ev.ts[decided],
+        time_order=ev.ts[which],
     )  # fmt: skip
-    report.metrics["approval"] = {"applications": int(len(y)), **approval.report_}
+    report.metrics["approval"] = {**report.metrics.get("approval", {}), "applications": int(len(y)),
+                                  **approval.report_}  # fmt: skip
     if approval.fallback_reason_:
         report.fallbacks.append(f"approval odds: {approval.fallback_reason_}")
     model.approval = approval
@@ -558,7 +604,8 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
         _, guard_users = _split_customers(np.unique(new["user"].to_numpy()), 0, t.seed)
     retriever = None
     if t.model == "two_stage":
-        retriever = _fit_two_tower(builder, split, space, settings, report, progress, exclude=guard_users)
+        retriever = _fit_two_tower(builder, split, space, settings, report, progress, exclude=guard_users,
+                                   known=rank_snap)
     else:
         report.fallbacks.append("retrieval: [train] model = popularity; candidates come from popularity among "
                                 "allowed products")  # fmt: skip
@@ -596,8 +643,24 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
     categorical = space.tabular_names(model.pair_columns)[1]
     rows: Rows | None = None
 
-    def window_rows(snap: Snapshot, users: np.ndarray, lab: pd.DataFrame, seen: pd.DataFrame) -> Rows:
-        """The ranker's rows of ``users`` at ``snap``: what they were shown (or the candidates), graded by ``lab``."""
+    def window_rows(snap: Snapshot, users: np.ndarray, lab: pd.DataFrame, seen: pd.DataFrame,
+                    so_far: Rows | None = None) -> Rows:  # fmt: skip
+        """The ranker's rows of ``users`` at ``snap``: what they were shown (or the candidates), graded by ``lab``.
+
+        Whole customers are kept to ``max_ranker_rows`` with the rows ``so_far`` (a seeded sample when they
+        would not fit): memory follows the budget, whatever the number of customers.
+        """
+        per_user = _rows_per_customer(users, lab, seen if t.ranker_rows == "shown" else None, t.ranker_negatives)
+        budget = t.max_ranker_rows - (len(so_far[1]) if so_far is not None else 0)
+        kept = _whole_customers_within(users, per_user, budget, t.seed + 3)
+        if len(kept) < len(users):
+            report.metrics.setdefault("ranker_budget", {})[str(int(snap.cutoff))] = {
+                "customers": int(len(users)), "kept": int(len(kept)), "max_rows": int(t.max_ranker_rows)}
+        if not len(kept):
+            names = space.tabular_names(model.pair_columns)[0]
+            return (np.zeros((0, len(names)), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int64),
+                    np.zeros(0, np.int64), names)  # fmt: skip
+        users = kept
         allowed = allowed_mask(rules, snap, users, ds.n_products)
         history = builder.history(snap.cutoff, t.history_length)
         if t.ranker_rows == "shown":
@@ -621,12 +684,15 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
             w_shown = builder.shown(c0, c0 + split.label_seconds)
             w_users = np.setdiff1d(np.unique(np.concatenate([w_labels["user"].to_numpy(), w_shown["user"].to_numpy()])),
                                    guard_users)  # fmt: skip
-            budget = t.max_ranker_queries - int(rows[2].max()) - 1  # the customers' budget covers every window
+            # The customers' budget covers every window, and so does the rows'.
+            budget = t.max_ranker_queries - (int(rows[2].max()) + 1 if len(rows[2]) else 0)
             if len(w_users) > budget:
                 w_users = np.sort(rng.choice(w_users, max(budget, 0), replace=False))
+            if len(rows[1]) >= t.max_ranker_rows:
+                break
             if len(w_users) < MIN_RANKER_QUERIES:
                 break
-            rows = _stack_rows(rows, window_rows(builder.snapshot(c0), w_users, w_labels, w_shown))
+            rows = _stack_rows(rows, window_rows(builder.snapshot(c0), w_users, w_labels, w_shown, rows))
             report.validation["plan"].setdefault("earlier_ranker_cutoffs", []).append(int(c0))
         X, y, qid, pos, names = rows
         keep = pd.Series(y).groupby(qid).transform("nunique").to_numpy() > 1  # queries with something to rank
@@ -651,14 +717,16 @@ def _train_with_impressions(ds: Dataset, settings: FinrecSettings,
         if ranker is not None and rows is not None and t.ranker_rows == "shown":
             # The guard's customers join the ranker's (their rows of the latest window), with the trees chosen.
             # (Measured with shown rows, the default; `ranker_rows = "retrieved"` keeps the ranker as it is.)
-            g_rows = window_rows(rank_snap, np.intersect1d(guard_users, q_all), labels, shown)
-            model.ranker = _refit_ranker(ranker, _stack_rows(rows, g_rows), categorical, position=t.position_debias)
+            # The two parts are freed once stacked: the refit's table is the one copy LightGBM reads from.
+            rows = _stack_rows(rows, window_rows(rank_snap, np.intersect1d(guard_users, q_all), labels, shown, rows))
+            model.ranker = _refit_ranker(ranker, rows, categorical, position=t.position_debias)
+            rows = None
     if retriever is not None and t.refit_two_tower:
         # The served two-tower learns from the latest window too (the one the ranker and the guard used), for
         # the epochs early stopping chose: it would otherwise be a window staler than everything else served.
         windows = (*split.retrieval_cutoffs, split.rank_cutoff)[-t.max_retrieval_windows :]
         refit = _fit_two_tower(builder, replace(split, retrieval_cutoffs=windows), space, settings, report, progress,
-                               epochs=retriever.best_epoch_)  # fmt: skip
+                               epochs=retriever.best_epoch_, known=rank_snap)  # fmt: skip
         if refit is not None:
             model.set_retriever(refit)
     _refit_sources(model, ds)
@@ -733,7 +801,7 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
     if plan.kind == "temporal" and rank_cut - ds.time_range[0] > 1:
         inner = TemporalSplit.plan(ds.time_range[0], rank_cut - 1, t.eval_days, t.label_days,
                                    t.max_retrieval_windows)  # fmt: skip
-        retriever = _fit_two_tower(builder, inner, space, settings, report, progress)
+        retriever = _fit_two_tower(builder, inner, space, settings, report, progress, known=snap)
     else:
         report.fallbacks.append("retrieval: two-tower not trained (it learns from time windows; this data's "
                                 "validation is a holdout); candidates come from the other sources")  # fmt: skip
@@ -827,6 +895,31 @@ def _train_without_impressions(ds: Dataset, settings: FinrecSettings,
 
 
 Rows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]  # X, grades, query, position, names
+
+
+def _rows_per_customer(users: np.ndarray, labels: pd.DataFrame, shown: pd.DataFrame | None,
+                       negatives: int) -> np.ndarray:  # fmt: skip
+    """Ranker rows each of ``users`` will have: shown or graded products (``shown`` given), else at most their
+    graded candidates plus ``negatives`` unlabelled ones (:func:`_candidate_rows`)."""
+    if shown is not None:
+        pairs = pd.concat([shown[["user", "product"]], labels[["user", "product"]]]).drop_duplicates()
+        return pairs["user"].value_counts().reindex(users, fill_value=0).to_numpy(np.int64)
+    return labels["user"].value_counts().reindex(users, fill_value=0).to_numpy(np.int64) + negatives
+
+
+def _whole_customers_within(users: np.ndarray, rows: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """Whole customers whose ``rows`` add up to at most ``budget``: all when they fit, else a seeded sample.
+
+    >>> _whole_customers_within(np.array([3, 5, 9]), np.array([4, 4, 4]), 12, 0).tolist()
+    [3, 5, 9]
+    >>> len(_whole_customers_within(np.array([3, 5, 9]), np.array([4, 4, 4]), 11, 0))
+    2
+    """
+    if int(rows.sum()) <= budget:
+        return users
+    order = np.random.default_rng(seed).permutation(len(users))
+    fits = np.cumsum(rows[order]) <= budget  # a prefix of the shuffled customers
+    return np.sort(users[order[fits]])
 
 
 def _stack_rows(a: Rows, b: Rows) -> Rows:

@@ -48,11 +48,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from finrec.data.synthetic import params as P
 from finrec.errors import ArtifactError
 
-TRUTH_FORMAT_VERSION = 1
+#: Format written. 1 keeps every customer in ``users.parquet``; 2 may instead hold them in ``users/part-*.parquet``,
+#: one file a block (both are read).
+TRUTH_FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+USER_PARTS = "users"
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -292,25 +298,23 @@ class GroundTruth:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Write ``users.parquet``, ``products.parquet`` and ``world.json`` (no pickle)."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``users.parquet``, ``products.parquet`` and ``world.json`` (no pickle).
+
+        A generator that makes customers block by block writes :func:`save_world` once and
+        :func:`save_users_part` per block instead, so it never holds every customer.
+        """
+        save_world(directory, self.products, self.info, self.coef)
         self.users_frame().to_parquet(directory / "users.parquet", index=False)
-        self.products_frame().to_parquet(directory / "products.parquet", index=False)
-        meta = {"format_version": TRUTH_FORMAT_VERSION, "info": asdict(self.info), "coefficients": asdict(self.coef)}
-        (directory / "world.json").write_text(json.dumps(meta, indent=1))
 
     def users_frame(self) -> pd.DataFrame:
         return _frame(self.users, USER_COLUMNS, "latent")
 
     def products_frame(self) -> pd.DataFrame:
-        df = _frame(self.products, PRODUCT_COLUMNS, "latent")
-        for j, r in enumerate(self.info.regions):
-            df[f"region_ok_{r}"] = self.products["region_ok"][:, j]
-        return df
+        return _products_frame(self.products, self.info.regions)
 
     @classmethod
     def load(cls, directory: str | Path) -> GroundTruth:
-        """Read a ground truth written by :meth:`save` (``<dataset>/ground_truth``)."""
+        """Read a ground truth written by :meth:`save`, or by :func:`save_world` and :func:`save_users_part`."""
         directory = Path(directory)
         meta_path = directory / "world.json"
         if not meta_path.is_file():
@@ -319,18 +323,59 @@ class GroundTruth:
                 hint="ground truth exists only for datasets made by `finrec generate`; pass DIR/ground_truth",
             )
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != TRUTH_FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_FORMATS:
             raise ArtifactError(
                 f"ground truth at {directory} has format {meta.get('format_version')}, "
-                f"this finrec reads {TRUTH_FORMAT_VERSION}",
+                f"this finrec reads {', '.join(map(str, READABLE_FORMATS))}",
                 hint="regenerate the dataset with this version of `finrec generate`",
             )
         info, coef = WorldInfo(**meta["info"]), Coefficients(**meta["coefficients"])
-        users = _arrays(pd.read_parquet(directory / "users.parquet"), "latent")
+        users = _arrays(_read_users(directory), "latent")
         pdf = pd.read_parquet(directory / "products.parquet")
         products = _arrays(pdf, "latent")
         products["region_ok"] = pdf[[f"region_ok_{r}" for r in info.regions]].to_numpy(bool)
         return cls(users, products, info, coef)
+
+
+def save_world(directory: Path, products: dict[str, np.ndarray], info: WorldInfo, coef: Coefficients) -> None:
+    """Write the products, calendar and coefficients of a ground truth (``products.parquet``, ``world.json``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _products_frame(products, info.regions).to_parquet(directory / "products.parquet", index=False)
+    meta = {"format_version": TRUTH_FORMAT_VERSION, "info": asdict(info), "coefficients": asdict(coef)}
+    (directory / "world.json").write_text(json.dumps(meta, indent=1))
+
+
+def save_users_part(directory: Path, part: int, users: dict[str, np.ndarray]) -> Path:
+    """Write one block of customers as ``users/part-NNNNN.parquet``; :meth:`GroundTruth.load` reads the parts in order.
+
+    Parts may be written in any order and by separate processes (one per block); rewriting a part is harmless.
+    """
+    folder = directory / USER_PARTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-{part:05d}.parquet"
+    partial = folder / f".{path.name}.partial"
+    _frame(users, USER_COLUMNS, "latent").to_parquet(partial, index=False)
+    partial.replace(path)  # a task that dies half-way leaves no truncated part behind
+    return path
+
+
+def _read_users(directory: Path) -> pd.DataFrame:
+    if (directory / "users.parquet").is_file():
+        return pd.read_parquet(directory / "users.parquet")
+    parts = sorted((directory / USER_PARTS).glob("part-*.parquet"))
+    if not parts:
+        raise ArtifactError(
+            f"ground truth at {directory} has no customers (neither users.parquet nor {USER_PARTS}/part-*.parquet)",
+            hint="the dataset was not completely written; regenerate it with `finrec generate`",
+        )
+    return pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas()
+
+
+def _products_frame(products: dict[str, np.ndarray], regions: list[str]) -> pd.DataFrame:
+    df = _frame(products, PRODUCT_COLUMNS, "latent")
+    for j, r in enumerate(regions):
+        df[f"region_ok_{r}"] = products["region_ok"][:, j]
+    return df
 
 
 def _frame(arrays: dict[str, np.ndarray], columns: tuple[str, ...], matrix: str) -> pd.DataFrame:

@@ -1,0 +1,61 @@
+"""A Spark sample of whole customers is the embedded dataset restricted to them, with the statistics of all.
+
+When the sample holds every customer it is the dataset `load_dataset` reads, row for row; when it holds some,
+each kept customer has every event of theirs and the same features as in the full dataset (the catalogue's
+statistics count every customer), so a model learns from them what it would learn in a run holding all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finrec.data.dataset import load_dataset
+from finrec.features.builder import FeatureBuilder
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
+def _same_frame(a, b) -> None:  # type: ignore[no-untyped-def]
+    assert list(a.columns) == list(b.columns)
+    for c in a.columns:
+        x, y = a[c].to_numpy(), b[c].to_numpy()
+        if x.dtype.kind == "f":
+            assert np.array_equal(x, y, equal_nan=True), c
+        else:
+            assert list(x) == list(y), c
+
+
+def test_a_sample_of_everyone_is_the_embedded_dataset(spark: object, tiny_world: Path) -> None:
+    from finrec.engine.sample import CustomerSample
+
+    full = load_dataset(tiny_world)
+    with CustomerSample(spark, tiny_world, max_customers=10**7) as ds:  # type: ignore[arg-type]
+        _same_frame(full.users, ds.users)
+        _same_frame(full.products, ds.products)
+        for f in ("user", "product", "etype", "ts", "position"):
+            assert np.array_equal(getattr(full.events, f), getattr(ds.events, f)), f
+        assert ds.fingerprint == full.fingerprint
+        cutoff = full.time_range[1] + 1
+        _same_frame(FeatureBuilder(full).catalogue_stats(cutoff), ds.catalogue_stats(cutoff))  # type: ignore[misc]
+
+
+def test_sampled_customers_keep_their_events_and_features(spark: object, tiny_world: Path) -> None:
+    from finrec.engine.sample import CustomerSample
+
+    full = load_dataset(tiny_world)
+    with CustomerSample(spark, tiny_world, max_customers=500, seed=3) as ds:  # type: ignore[arg-type]
+        assert 350 <= ds.n_users <= 650  # about the share asked for, drawn by hash
+        rows = full.user_rows(ds.users["user_id"])
+        assert (rows >= 0).all()
+        kept = np.isin(full.events.user, rows)
+        assert len(ds.events) == int(kept.sum())  # whole customers: every event of theirs, no other
+        cutoff = full.time_range[1] + 1 - 20 * 86_400
+        a, b = FeatureBuilder(full, ["gender"]).snapshot(cutoff), FeatureBuilder(ds, ["gender"]).snapshot(cutoff)
+        _same_frame(a.users.iloc[rows].reset_index(drop=True), b.users)
+        _same_frame(a.products, b.products)
+        again = CustomerSample(spark, tiny_world, max_customers=500, seed=3)  # type: ignore[arg-type]
+        with again as ds2:
+            assert list(ds2.users["user_id"]) == list(ds.users["user_id"])  # the same seed, the same customers
