@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,10 +32,13 @@ def _load(data: Path, settings: FinrecSettings) -> Dataset:
 
 
 def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool = True,
-          dataset: Dataset | None = None) -> dict[str, Any]:  # fmt: skip
+          dataset: Dataset | None = None,
+          fit_sources: Callable[[TwoStageModel], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Validate ``data``, train the two-stage model, write the bundle to ``model_dir``; returns the manifest.
 
-    ``dataset``: ``data`` already loaded (a sample of its customers drawn by Spark). An existing model bundle at
+    ``dataset``: ``data`` already loaded (a sample of its customers drawn by Spark). ``fit_sources``: called on the
+    trained model before it is saved, to fit its candidate sources on more than ``dataset`` holds (a sample's
+    :meth:`~finrec.engine.sample.CustomerSample.fit_sources_on_everyone`). An existing model bundle at
     ``model_dir`` is replaced atomically; any other non-empty folder is refused.
     """
     from finrec.monitoring.reference import REFERENCE_DIR, sample_features
@@ -46,6 +50,10 @@ def train(data: Path, model_dir: Path, settings: FinrecSettings, progress: bool 
     ds = _load(data, settings) if dataset is None else dataset
     load_s = time.perf_counter() - t0
     model, report = train_two_stage(ds, settings, progress=progress)
+    if fit_sources is not None:
+        clock = time.perf_counter()
+        fit_sources(model)
+        report.seconds["sources_on_everyone"] = time.perf_counter() - clock
     version = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{ds.fingerprint[:8]}"
     with atomic_dir(model_dir, overwrite=True) as tmp:
         model.save(tmp)

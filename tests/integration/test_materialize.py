@@ -163,6 +163,19 @@ def test_materialize_refuses_a_redis_that_is_down() -> None:
         MaterializedFeatures("redis://127.0.0.1:1/0", timeout=0.5)
 
 
+def test_a_bundle_whose_sources_are_not_the_snapshots_is_refused_before_any_work(world: Any, url: str) -> None:
+    """A replica cannot refit candidate sources (it holds no events): a bundle fitted on fewer events (a sample,
+    older data) is refused naming what to do, and nothing is written to Redis."""
+    ds, model, manifest = world
+    source = EmbeddedProducer(ds)
+    source.n_events -= 1  # the data holds one event the bundle's sources did not see
+    features = MaterializedFeatures(url)
+    with pytest.raises(FinrecError, match="candidate sources") as err:
+        materialize(source, model, manifest, features, FinrecSettings())
+    assert err.value.hint and "finrec retrain" in err.value.hint
+    assert not list(features.redis.scan_iter(match=features.base + "*", count=1000))
+
+
 def test_serve_start_without_materialised_customers_says_what_to_run(tiny_model: Path, url: str,
                                                                       tmp_path: Path) -> None:  # fmt: skip
     settings = FinrecSettings(workspace=tmp_path, serve={"customer_features": url, "model_dir": tiny_model})

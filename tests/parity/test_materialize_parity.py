@@ -49,10 +49,13 @@ def test_spark_materialises_the_records_the_embedded_engine_does(spark: object, 
     with SparkProducer(spark, tiny_world, tiny_model, per_bucket=700) as source:  # type: ignore[arg-type]
         assert source.buckets == 3 and source.n_customers == ds.n_users
         b = materialize(source, model, manifest, on_spark, settings, on_progress=progress.append)
-        # A bundle whose sources were fitted on other events is refused, as by the embedded engine.
+        # A bundle whose sources were fitted on other events is refused, as by the embedded engine, before any
+        # work: the catalogue's statistics over every customer (minutes of Spark at millions) are not computed.
         source.n_events += 1
+        source.stats = None
         with pytest.raises(FinrecError, match="candidate sources"):
-            source.catalogue(settings, model)
+            materialize(source, model, manifest, on_spark, settings)
+        assert source.stats is None
 
     assert (a["engine"], b["engine"]) == ("duckdb", "spark")
     assert b["customers"] == a["customers"] == ds.n_users == sum(progress) and len(progress) == 3

@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from finrec import pipeline
+from finrec.candidates.interactions import Interactions
+from finrec.config import FinrecSettings
 from finrec.data.dataset import load_dataset
 from finrec.features.builder import FeatureBuilder
+from finrec.testing import TINY_TRAIN
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -59,3 +63,35 @@ def test_sampled_customers_keep_their_events_and_features(spark: object, tiny_wo
         again = CustomerSample(spark, tiny_world, max_customers=500, seed=3)  # type: ignore[arg-type]
         with again as ds2:
             assert list(ds2.users["user_id"]) == list(ds.users["user_id"])  # the same seed, the same customers
+
+
+def test_a_model_trained_on_a_sample_has_its_sources_fitted_on_everyone(spark: object, tiny_world: Path,
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    """`finrec train --engine spark` learns from a sample, then fits the candidate sources on every customer at the
+    end of the whole data: batch scoring, `finrec materialize` and the API take them as they are (a bundle whose
+    sources were the sample's was refused by materialize), and they are what an embedded refit on all gives."""
+    from finrec.engine.sample import CustomerSample
+
+    sample = CustomerSample(spark, tiny_world, max_customers=500, seed=3)  # type: ignore[arg-type]
+    with sample as ds:
+        n_sampled = len(ds.events)
+        pipeline.train(tiny_world, tmp_path / "m", FinrecSettings(train=TINY_TRAIN), progress=False, dataset=ds,
+                       fit_sources=sample.fit_sources_on_everyone)  # fmt: skip
+    model, manifest = pipeline.load_model(tmp_path / "m")
+    assert model.sources is not None and manifest["inputs"]["events"] == n_sampled
+    full = load_dataset(tiny_world)
+    cutoff = full.time_range[1] + 1
+    assert n_sampled < len(full.events)
+    assert (model.config.sources_cutoff, model.config.sources_events) == (cutoff, len(full.events))
+    builder = FeatureBuilder(full)
+    snap = builder.snapshot(cutoff)
+    assert model.sources_at(builder, snap) is model.sources  # taken as they are: nothing to refit, nothing refused
+    users = np.arange(full.n_users)
+    got = model.source_scores(builder, snap, users)
+    inter = Interactions.from_events(full.events, full.n_users, full.n_products, model.config.grades,
+                                     model.config.min_grade)  # fmt: skip
+    model.set_sources(snap, model.sources.refit(inter, model.sources.segment_codes(full.users)))
+    want = model.source_scores(builder, snap, users)
+    assert sorted(got) == sorted(want) and len(got) >= 2
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-9, err_msg=name)

@@ -181,8 +181,9 @@ def _print_counts(counts: dict[str, int], title: str) -> None:
 
 
 @contextmanager
-def _spark_sample(ctx: typer.Context, data: Path, settings: Any) -> Iterator[tuple[Any, Any]]:
-    """Validate ``data``, then draw a sample of its customers with Spark: (dataset, settings naming the engine)."""
+def _spark_sample(ctx: typer.Context, data: Path, settings: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """Validate ``data``, then draw a sample of its customers with Spark: (dataset, settings naming the engine,
+    the open :class:`~finrec.engine.sample.CustomerSample`)."""
     from finrec.engine.sample import CustomerSample
     from finrec.engine.spark import spark_session
 
@@ -193,7 +194,7 @@ def _spark_sample(ctx: typer.Context, data: Path, settings: Any) -> Iterator[tup
     with sample as ds:
         out.print(f"spark: {ds.n_users:,} of {sample.n_customers:,} customers sampled whole, {len(ds.events):,} "
                   "events; the catalogue's statistics count every customer")  # fmt: skip
-        yield ds, settings
+        yield ds, settings, sample
 
 
 def _validate_or_exit(ctx: typer.Context, data: Path, quiet: bool = False, json_out: Path | None = None) -> Any:
@@ -289,8 +290,11 @@ def train(
 
     settings = _settings(ctx)
     if engine_of(ctx, engine) == "spark":
-        with _spark_sample(ctx, data, settings) as (ds, settings):
-            manifest = pipeline.train(data, model_dir, settings, progress=True, dataset=ds)
+        with _spark_sample(ctx, data, settings) as (ds, settings, sample):
+            # The model learns from the sample; its candidate sources are then fitted on every customer, so that
+            # the bundle serves (recommend, materialize, the API) the whole base as trained.
+            manifest = pipeline.train(data, model_dir, settings, progress=True, dataset=ds,
+                                      fit_sources=sample.fit_sources_on_everyone)  # fmt: skip
     else:
         manifest = pipeline.train(data, model_dir, settings, progress=True)
     m = manifest["metrics"]
@@ -388,7 +392,7 @@ def evaluate(
 
     settings = _settings(ctx)
     if engine_of(ctx, engine) == "spark":
-        with _spark_sample(ctx, data, settings) as (ds, settings):
+        with _spark_sample(ctx, data, settings) as (ds, settings, _):
             report = pipeline.evaluate(model_dir, data, output, settings, ground_truth=ground_truth, progress=True,
                                        dataset=ds)  # fmt: skip
     else:

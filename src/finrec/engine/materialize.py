@@ -35,7 +35,7 @@ from finrec.data.dataset import Dataset, dataset_fingerprint, load_table
 from finrec.data.io import find_table
 from finrec.engine.batch import CUSTOMERS_PER_BUCKET, _bundle, _no_events, _ship, _with_uid, catalogue_stats
 from finrec.errors import FinrecError
-from finrec.serving.materialize import Written, block_records, catalogue_tables, refuse_sources, write_records
+from finrec.serving.materialize import Written, block_records, catalogue_tables, write_records
 from finrec.serving.scoring import version_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,6 +69,7 @@ class SparkProducer:
         self.spark, self.data, self.model_dir = spark, Path(data), Path(model_dir)
         self.dedupe, self.per_bucket = dedupe, per_bucket
         self.tables: SparkEventTables | None = None
+        self.stats: pd.DataFrame | None = None  # the catalogue's statistics over every customer, by catalogue()
 
     def __enter__(self) -> SparkProducer:
         from finrec.features.spark import SparkEventTables, _read_raw
@@ -82,7 +83,6 @@ class SparkProducer:
             # Every event is before the cutoff: the count is the one the bundle's candidate sources record.
             self.cutoff, self.n_events = tables.span()
             self.fingerprint = dataset_fingerprint(self.data)  # as load_dataset computes it
-            self.stats = catalogue_stats(tables, self.cutoff)
         except BaseException:
             tables.close()
             raise
@@ -96,12 +96,11 @@ class SparkProducer:
 
     def catalogue(self, settings: FinrecSettings, model: TwoStageModel) -> tuple[dict[str, bytes], dict[str, Any]]:
         """The catalogue as the embedded run writes it, from a dataset without customers given the statistics
-        of every customer; refuses a bundle whose sources were not fitted on this snapshot's events."""
+        of every customer (computed here, once the bundle has been checked: minutes of Spark work at millions)."""
         from finrec.serving.state import ServingData
 
-        cfg = model.config
-        if model.sources is not None and (self.cutoff, self.n_events) != (cfg.sources_cutoff, cfg.sources_events):
-            raise refuse_sources()
+        assert self.tables is not None, "use SparkProducer as a context manager"
+        self.stats = catalogue_stats(self.tables, self.cutoff)
         empty = _partition(self._context(), self.raw_users.limit(0).toArrow(), _no_events())
         data = ServingData(empty, settings, cutoff=self.cutoff)
         try:
@@ -155,6 +154,7 @@ class SparkProducer:
 
     def _context(self) -> dict[str, Any]:
         """What a task needs to build its partition's dataset (small: the catalogue and its statistics)."""
+        assert self.stats is not None, "catalogue() computes the statistics the tasks need"
         return {"products": self.products, "extra_products": self.extra_products, "stats": self.stats,
                 "data": self.data, "fingerprint": self.fingerprint}  # fmt: skip
 

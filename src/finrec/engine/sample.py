@@ -21,9 +21,10 @@ from finrec.data.io import find_table
 from finrec.errors import FinrecError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
     from finrec.features.spark import SparkEventTables
+    from finrec.twostage.model import TwoStageModel
 
 #: Hash buckets the sampling draws from: a customer is kept when their bucket is below the sampled share.
 _BUCKETS = 1_000_000
@@ -40,6 +41,8 @@ class CustomerSample:
         self.seed, self.dedupe = seed, dedupe
         self.tables: SparkEventTables | None = None
         self.n_customers = 0
+        self.users: DataFrame | None = None
+        self.products = pd.DataFrame()
         self._stats: dict[int, pd.DataFrame] = {}
 
     def __enter__(self) -> Dataset:
@@ -51,7 +54,8 @@ class CustomerSample:
 
         products, extra_products = load_table(self.data, "products")
         self.tables = tables = SparkEventTables(self.spark, self.data, dedupe=self.dedupe)
-        users = _with_uid(_read_raw(self.spark, find_table(self.data, "users")))
+        self.products = products
+        self.users = users = _with_uid(_read_raw(self.spark, find_table(self.data, "users")))
         self.n_customers = users.count()
         share = min(1.0, self.max_customers / max(1, self.n_customers))
         bucket = F.pmod(F.xxhash64(F.col("uid"), F.lit(self.seed)), F.lit(_BUCKETS))
@@ -79,6 +83,23 @@ class CustomerSample:
             assert self.tables is not None, "use CustomerSample as a context manager"
             self._stats[cutoff] = catalogue_stats(self.tables, cutoff)
         return self._stats[cutoff].copy()
+
+    def fit_sources_on_everyone(self, model: TwoStageModel) -> None:
+        """Refit ``model``'s candidate sources on every customer's positives at the end of the whole data.
+
+        Training fitted them on the sample, at the sample's last event; batch scoring, ``finrec materialize`` and
+        the API use them at the end of the whole data, for every customer, and take the bundle's own only when
+        their cutoff and event count are that snapshot's. Refitted here once, on the driver, from the positives
+        (a matrix the size of the positives, not of the customers), the bundle serves the base as trained.
+        """
+        from finrec.engine.batch import sources_at
+
+        assert self.tables is not None and self.users is not None, "use CustomerSample as a context manager"
+        if model.sources is None:
+            return
+        cutoff, n_events = self.tables.span()
+        model.sources = sources_at(self.tables, model, self.users, self.products, cutoff)  # as is for a full sample
+        model.config = model.config.with_sources_fit(cutoff, n_events)
 
     def __exit__(self, *exc: object) -> None:
         if self.tables is not None:

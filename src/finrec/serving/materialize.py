@@ -155,18 +155,19 @@ class RecordProducer(Protocol):
     """What an engine does for :func:`materialize`: the snapshot's catalogue, then every customer's record.
 
     ``engine`` names it in the manifest; ``data``, ``fingerprint`` and ``cutoff`` name the snapshot (the data's
-    folder and fingerprint, just after its last event); ``n_customers`` is how many records :meth:`write` writes.
+    folder and fingerprint, just after its last event), ``n_events`` how many events it counts;
+    ``n_customers`` is how many records :meth:`write` writes.
     """
 
     engine: str
     data: Path
     fingerprint: str
     cutoff: int
+    n_events: int
     n_customers: int
 
     def catalogue(self, settings: FinrecSettings, model: TwoStageModel) -> tuple[dict[str, bytes], dict[str, Any]]:
-        """The catalogue's tables (Arrow IPC) and the manifest's ``catalogue`` columns; raises
-        :class:`FinrecError` (:func:`refuse_sources`) when the bundle's candidate sources are not the snapshot's."""
+        """The catalogue's tables (Arrow IPC) and the manifest's ``catalogue`` columns."""
         ...
 
     def write(self, features: MaterializedFeatures, prefix: str, settings: FinrecSettings, model: TwoStageModel,
@@ -191,6 +192,7 @@ class EmbeddedProducer:
         self.ds, self.block = ds, block
         self.data, self.fingerprint = Path(ds.path), ds.fingerprint
         self.cutoff = int(ds.time_range[1] + 1)
+        self.n_events = len(ds.events)  # every event is before the cutoff
         self.n_customers = ds.n_users
 
     def catalogue(self, settings: FinrecSettings, model: TwoStageModel) -> tuple[dict[str, bytes], dict[str, Any]]:
@@ -218,6 +220,14 @@ def producer(engine: str) -> type:
 
 
 # -- the whole run ----------------------------------------------------------------------------------------
+def check_sources(model: TwoStageModel, cutoff: int, n_events: int) -> None:
+    """Refuse, before any work, a bundle whose candidate sources were not fitted on the snapshot's events: a
+    replica holds no events to refit them on (the bundle records where they were fitted)."""
+    cfg = model.config
+    if model.sources is not None and (cutoff, n_events) != (cfg.sources_cutoff, cfg.sources_events):
+        raise refuse_sources()
+
+
 def refuse_sources() -> FinrecError:
     """The error of a bundle whose candidate sources were fitted on other data than the snapshot's."""
     return FinrecError("the bundle's candidate sources were fitted on other data than this snapshot's, and a "
@@ -251,13 +261,11 @@ def _columns_of(frame: pd.DataFrame) -> pd.DataFrame:
 
 def catalogue_parts(ds: Dataset, settings: FinrecSettings, model: TwoStageModel,
                     cutoff: int) -> tuple[dict[str, bytes], dict[str, Any]]:  # fmt: skip
-    """The catalogue's tables (Arrow IPC) and columns at ``cutoff``, after checking that the bundle's candidate
-    sources are those of this snapshot (a replica has no events to refit them on)."""
+    """The catalogue's tables (Arrow IPC) and columns at ``cutoff`` (the bundle's sources checked before:
+    :func:`check_sources`)."""
     builder = FeatureBuilder(ds, settings.protected_attributes)
     try:
         snap = builder.snapshot(cutoff)  # one pass over every event: the products' demand and holders need them all
-        if model.sources is not None and model.sources_at(builder, snap) is not model.sources:
-            raise refuse_sources()
         return catalogue_tables(ds.products, ds.users, snap, pair_names(ds, settings, cutoff), bool(len(snap.held)))
     finally:
         builder.con.close()
@@ -273,6 +281,7 @@ def materialize(source: RecordProducer, model: TwoStageModel, bundle_manifest: d
     is then deleted).
     """
     cutoff = source.cutoff
+    check_sources(model, cutoff, source.n_events)
     version = version_of(bundle_manifest)
     snapshot_id = f"{source.fingerprint[:16]}-{cutoff}"
     prefix = features.prefix(snapshot_id, version)
