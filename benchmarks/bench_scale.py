@@ -72,7 +72,8 @@ class Stage:
     name: str
     description: str
     argv: Callable[[Context], list[str]]  # the finrec command line (after `finrec`)
-    metrics: Callable[[Context], dict[str, Any]] = lambda ctx: {}  # figures read from the output afterwards
+    metrics: Callable[[Context, dict[str, Any]], dict[str, Any]] = lambda ctx, before: {}  # figures read afterwards
+    before: Callable[[Context], dict[str, Any]] = lambda ctx: {}  # what metrics compares with, read before the run
 
 
 def _generate_argv(ctx: Context) -> list[str]:
@@ -81,7 +82,29 @@ def _generate_argv(ctx: Context) -> list[str]:
             "--no-validate"]  # fmt: skip
 
 
-def _generate_metrics(ctx: Context) -> dict[str, Any]:
+def _redis_before(ctx: Context) -> dict[str, Any]:
+    """Empty the benchmark's own Redis database, then read the server's memory: the materialize stage's baseline."""
+    import redis
+
+    client = redis.Redis.from_url(ctx.redis)
+    client.flushdb()
+    return {"used_memory": int(client.info("memory")["used_memory"])}
+
+
+def _redis_metrics(ctx: Context, before: dict[str, Any]) -> dict[str, Any]:
+    """Keys written and Redis's memory growth (records and per-key overhead), then the database emptied again so
+    that the next size starts from nothing and the server gives the memory back."""
+    import redis
+
+    client = redis.Redis.from_url(ctx.redis)
+    keys, used = int(client.dbsize()), int(client.info("memory")["used_memory"])
+    client.flushdb()
+    grown = used - before["used_memory"]
+    return {"redis_keys": keys, "redis_used_mb": round(grown / 2**20),
+            "redis_bytes_per_customer": round(grown / max(1, ctx.customers))}  # fmt: skip
+
+
+def _generate_metrics(ctx: Context, before: dict[str, Any]) -> dict[str, Any]:
     manifest = json.loads((ctx.data / "manifest.json").read_text())
     size = sum(p.stat().st_size for p in ctx.data.rglob("*") if p.is_file())
     return {"events": manifest["metrics"]["counts"]["events"], "dataset_mb": round(size / 2**20)}
@@ -119,7 +142,7 @@ STAGES: dict[str, Stage] = {
         Stage("recommend", "finrec recommend: top 10 for every customer of the base (or --recommend-users of them)",
               lambda c: ["recommend", "--engine", c.engine, "-d", str(c.data), "-m", str(c.bundle),
                          "-u", str(_every_customer(c)), "-o", str(c.work / "recommendations.parquet")],
-              lambda c: _output_rows(c.work / "recommendations.parquet")),
+              lambda c, _: _output_rows(c.work / "recommendations.parquet")),
         Stage("evaluate", "finrec evaluate: the held-out window against baselines and the oracle",
               lambda c: ["evaluate", "--engine", c.engine, "-d", str(c.data), "-m", str(c.bundle),
                          "-o", str(c.work / "report.json")]),
@@ -129,7 +152,7 @@ STAGES: dict[str, Stage] = {
         Stage("materialize", "finrec materialize: every customer's serving record into Redis (a db of its own), "
               "for the bundle this size's train stage wrote",
               lambda c: ["materialize", "--engine", c.engine, "-d", str(c.data), "-m", str(c.work / "model"),
-                         "--redis", c.redis, "--no-progress"]),
+                         "--redis", c.redis, "--no-progress"], _redis_metrics, _redis_before),
     )
 }
 
@@ -297,9 +320,10 @@ def main() -> None:
                 print(f"{stage.name} on {engine} at {customers:,} customers ...", file=sys.stderr, flush=True)
                 run = {"stage": stage.name, "engine": engine, "customers": customers,
                        "command": " ".join(["finrec", *argv[3:]])}  # fmt: skip
+                before = stage.before(ctx)
                 run |= measure(argv, ctx.work / f"{stage.name}.log")
                 if run["exit_code"] == 0:
-                    run |= stage.metrics(ctx)
+                    run |= stage.metrics(ctx, before)
                 print(f"  {run['seconds']:.1f} s, peak {run['peak_pss_mb']:,} MB PSS", file=sys.stderr, flush=True)
                 runs.append(run)
                 _write(results, args, runs)
