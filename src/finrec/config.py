@@ -88,8 +88,13 @@ class EngineSettings(_Section):
     spark_driver_memory: str = Field("4g", description="Memory of the Spark driver (spark.driver.memory).")
     spark_partitions: int = Field(
         200, ge=1, le=100_000, description="Partitions of shuffles (spark.sql.shuffle.partitions) in a session "
-        "finrec starts: Spark's own default, which adaptive execution merges when they are small. Raise it with the "
-        "data so that one partition's aggregation fits a task's memory.",
+        "finrec starts: Spark's own default, which adaptive execution merges when they are small. finrec raises it "
+        "(never lowers it) to one partition per `spark_events_per_partition` events when the log is larger.",
+    )
+    spark_events_per_partition: int = Field(
+        500_000, ge=1_000, le=100_000_000, description="Events of the log one partition holds at most: the typed "
+        "log and every shuffle after it get at least events / this many partitions (a 4 GB driver in local[2] "
+        "held 650,000 and ran out of heap at 1.3M). Lower it when tasks run out of memory.",
     )
     sample_customers: int = Field(
         1_000_000, ge=1_000, description="With spark, `finrec train` and `finrec evaluate` run on this many "

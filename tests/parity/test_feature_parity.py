@@ -148,3 +148,41 @@ def test_finrec_features_writes_the_same_tables_from_both_engines(spark: object,
         spark_path = tmp_path / "spark" / name
         other = pd.read_parquet(spark_path if spark_path.is_dir() else tmp_path / "spark" / f"{name}.parquet")
         _same(duck, other, keys[name])
+
+
+def test_a_log_larger_than_the_partitions_hold_gets_more_partitions_and_the_same_tables(world: Path,
+                                                                                       spark: object) -> None:
+    """`[engine] spark_events_per_partition` bounds a task's share of the log: past it the log and the session's
+    shuffles get one partition per that many events (never fewer than configured), and the tables do not change."""
+    from finrec.engine.spark import EVENTS_PER_PARTITION_KEY
+    from finrec.features.spark import SparkEventTables
+
+    conf = spark.conf  # type: ignore[attr-defined]
+    configured = int(conf.get("spark.sql.shuffle.partitions"))
+    ds = load_dataset(world)
+    per_partition = len(ds.events) // (3 * configured) + 1  # about three times the configured partitions
+    conf.set(EVENTS_PER_PARTITION_KEY, str(per_partition))
+    try:
+        tables = SparkEventTables(spark, world)  # type: ignore[arg-type]
+        try:
+            want = -(-len(ds.events) // per_partition)
+            assert tables.partitions == want > configured
+            assert tables.ev.rdd.getNumPartitions() == want
+            assert int(conf.get("spark.sql.shuffle.partitions")) == want
+            cutoff = ds.time_range[1] + 1
+            builder = FeatureBuilder(ds, ["gender"])
+            duck = builder._user_behaviour(cutoff)
+            active = np.unique(ds.events.user)
+            duck = duck.iloc[active].reset_index(drop=True)
+            duck.insert(0, "user_id", ds.users["user_id"].to_numpy()[active])
+            _same(duck, tables.user_behaviour(cutoff).toPandas(), ["user_id"])
+        finally:
+            tables.close()
+        conf.set("spark.sql.shuffle.partitions", str(configured))
+        conf.set(EVENTS_PER_PARTITION_KEY, str(10**8))  # a log far below it keeps the configured count
+        small = SparkEventTables(spark, world)  # type: ignore[arg-type]
+        assert small.partitions == configured == int(conf.get("spark.sql.shuffle.partitions"))
+        small.close()
+    finally:
+        conf.set("spark.sql.shuffle.partitions", str(configured))
+        conf.unset(EVENTS_PER_PARTITION_KEY)

@@ -4,7 +4,8 @@ Under ``spark-submit`` or in a Databricks job a session already exists, and finr
 cluster's settings win). Otherwise :func:`spark_session` starts one from ``[engine]``: ``local[2]`` on this
 machine, or the master URL of a cluster. Two settings are finrec's own whatever the session: UTC as the SQL
 time zone (event times are UTC seconds) and Arrow transfers on; the shuffle partitions come from the settings in
-a session finrec starts, and from the cluster's configuration in one it finds.
+a session finrec starts, and from the cluster's configuration in one it finds, and are raised when the event
+log needs more (``[engine] spark_events_per_partition``, :func:`finrec.features.spark.log_partitions`).
 
 Python workers must import finrec and its dependencies: ``PYSPARK_PYTHON`` defaults to this interpreter (the
 virtual environment's), so that local mode works from a checkout; on a cluster, install ``finrec[spark]`` on
@@ -24,6 +25,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
     from finrec.config import EngineSettings
+
+#: Where a session carries ``[engine] spark_events_per_partition`` to :class:`~finrec.features.spark.SparkEventTables`.
+EVENTS_PER_PARTITION_KEY = "spark.finrec.eventsPerPartition"
+DEFAULT_EVENTS_PER_PARTITION = 500_000
 
 INSTALL_HINT = "pip install 'finrec[spark]' (PySpark and sqlglot), and Java 17 (Debian: openjdk-17-jre-headless)"
 
@@ -65,6 +70,7 @@ def spark_session(engine: EngineSettings, app_name: str = "finrec") -> SparkSess
     active = SparkSession.getActiveSession()
     if active is not None:
         _finrec_conf(active)
+        active.conf.set(EVENTS_PER_PARTITION_KEY, str(engine.spark_events_per_partition))
         return active
     if not java_available():
         raise FinrecError("the Spark engine needs Java, which is not on this machine", hint=INSTALL_HINT)
@@ -91,6 +97,7 @@ def spark_session(engine: EngineSettings, app_name: str = "finrec") -> SparkSess
         ) from None
     session.sparkContext.setLogLevel("ERROR")
     _finrec_conf(session)
+    session.conf.set(EVENTS_PER_PARTITION_KEY, str(engine.spark_events_per_partition))
     return session
 
 
@@ -103,8 +110,8 @@ def _finrec_conf(session: SparkSession) -> None:
 #: What to change when Spark fails mid-job: its own log lines above the error say which task failed and why.
 FAILURE_HINT = (
     "the lines Spark logged above say why. 'OutOfMemoryError: Java heap space': raise [engine] spark_driver_memory "
-    "(local mode: the one JVM's heap) or spark.executor.memory in [engine] spark_conf on a cluster, or raise "
-    "[engine] spark_partitions so that each task holds less of the data"
+    "(local mode: the one JVM's heap) or spark.executor.memory in [engine] spark_conf on a cluster, or lower "
+    "[engine] spark_events_per_partition (or raise spark_partitions) so that each task holds less of the data"
 )
 
 

@@ -144,13 +144,13 @@ class SparkEventTables:
         # this partitioning instead of shuffling again; and a task's share of the log (its sort and hash buffers)
         # follows the partition count, not the file splits: with the splits (4 at 1M customers, 8 at 2M) a task
         # held an eighth of the log, and 2M customers ran out of a 4 GB heap.
-        parts = int(spark.conf.get("spark.sql.shuffle.partitions") or 200)
+        self.partitions = parts = log_partitions(spark, raw)
         self.ev = ev.repartition(parts, "u").persist(StorageLevel.MEMORY_AND_DISK)
         self.ev.createOrReplaceTempView("ev")
         catalogue.select("p", "c").createOrReplaceTempView("pcat")
 
     def close(self) -> None:
-        """Release the typed log Spark keeps."""
+        """Release the typed log Spark keeps (the raised shuffle partitions stay: a session serves one command)."""
         self.ev.unpersist()
 
     def span(self) -> tuple[int, int]:
@@ -240,3 +240,22 @@ class SparkEventTables:
 def _float(col: Any) -> np.ndarray:
     """An Arrow column as float64 with NaN for nulls."""
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def log_partitions(spark: SparkSession, raw: DataFrame) -> int:
+    """Partitions of the typed log: the session's shuffle partitions, raised to one per
+    ``[engine] spark_events_per_partition`` events when the log is larger (and the session's shuffles with them).
+
+    What a task holds while it caches its piece of the log, or aggregates it, follows the events per partition:
+    a fixed count of partitions let 4M customers (1.3M events a piece) run a 4 GB driver out of heap where 2M
+    (650,000) fitted. Counting the rows reads the Parquet footers only (a pass over CSV files).
+    """
+    from finrec.engine.spark import DEFAULT_EVENTS_PER_PARTITION, EVENTS_PER_PARTITION_KEY
+
+    configured = int(spark.conf.get("spark.sql.shuffle.partitions") or 200)
+    per_partition = int(spark.conf.get(EVENTS_PER_PARTITION_KEY, None) or DEFAULT_EVENTS_PER_PARTITION)
+    needed = -(-raw.count() // per_partition)
+    if needed <= configured:
+        return configured
+    spark.conf.set("spark.sql.shuffle.partitions", str(needed))  # the aggregations' shuffles split as finely
+    return needed
