@@ -232,3 +232,31 @@ def test_one_customer_is_scored_and_merged_exactly_as_in_a_batch() -> None:
         assert set(one_f) == set(batch_f)
         for name, values in one_f.items():
             np.testing.assert_array_equal(values, batch_f[name][q == i])
+
+
+def test_interactions_from_pairs_are_those_from_events() -> None:
+    """What Spark hands over (a row per customer-product pair: first positive, positives in the recent window)
+    builds the same interactions as every positive event does, repeats and non-positive events included."""
+    ev, _ = planted(3)
+    rng = np.random.default_rng(3)
+    again = rng.random(len(ev.user)) < 0.3  # some pairs have several positives, some events are only views
+    etype = np.where(rng.random(len(ev.user)) < 0.2, ETYPE["view"], ETYPE["hold"]).astype(np.int8)
+    order = np.argsort(np.concatenate([ev.ts, ev.ts[again] + 40 * DAY]), kind="stable")
+    log = EventLog(*(np.concatenate([a, a[again]])[order] for a in (ev.user, ev.product)),
+                   np.concatenate([etype, np.full(int(again.sum()), ETYPE["approve"], np.int8)])[order],
+                   np.concatenate([ev.ts, ev.ts[again] + 40 * DAY])[order],
+                   np.zeros(len(order), np.int16))  # fmt: skip
+    cutoff = int(log.ts[len(log.ts) * 3 // 4])
+    want = Interactions.from_events(log, N_USERS, N_PRODUCTS, GRADES, 2, cutoff=cutoff)
+    frame = pd.DataFrame({"u": log.user, "p": log.product, "ts": log.ts, "e": log.etype})
+    pos = frame[(frame.ts < cutoff) & frame.e.isin([ETYPE["hold"], ETYPE["approve"]])]
+    pos = pos.assign(recent=(pos.ts >= cutoff - 90 * DAY).astype(int))
+    agg = pos.groupby(["u", "p"], as_index=False).agg(first=("ts", "min"), recent=("recent", "sum")).sample(frac=1.0,
+                                                                                                           random_state=1)
+    got = Interactions.from_pairs(agg.u.to_numpy(), agg.p.to_numpy(), agg["first"].to_numpy(), agg.recent.to_numpy(),
+                                  N_USERS, N_PRODUCTS, cutoff)  # fmt: skip
+    assert got.cutoff == want.cutoff and got.n_positives == want.n_positives > 0
+    assert (got.matrix != want.matrix).nnz == 0 and (got.recent != want.recent).nnz == 0 and want.recent.nnz > 0
+    for f in ("add_user", "add_product", "add_ts", "first_user", "first_product", "first_ts"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+    assert len(want.add_user) > 0

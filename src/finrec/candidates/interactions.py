@@ -45,6 +45,10 @@ def positive_mask(events: EventLog, grades: dict[str, int], min_grade: int) -> n
     return (g >= min_grade) & (events.etype != ETYPE["close"])
 
 
+#: The window of the ``recent`` matrix (days before the cutoff).
+RECENT_DAYS = 90.0
+
+
 @dataclass
 class Interactions:
     """Positives before ``cutoff`` of ``n_users`` customers over ``n_products`` products."""
@@ -80,7 +84,7 @@ class Interactions:
         grades: dict[str, int],
         min_grade: int,
         cutoff: int | None = None,
-        recent_days: float = 90.0,
+        recent_days: float = RECENT_DAYS,
     ) -> Interactions:
         """Positives of ``events`` strictly before ``cutoff`` (default: all of them)."""
         ev = events if cutoff is None else events.before(cutoff)
@@ -99,6 +103,25 @@ class Interactions:
         fu, fp, ft = (first[c].to_numpy(np.int64) for c in ("u", "p", "ts"))
         is_add = ft > first.groupby("u")["ts"].transform("min").to_numpy(np.int64)
         return cls(end, matrix, recent, fu[is_add], fp[is_add], ft[is_add], fu, fp, ft)
+
+    @classmethod
+    def from_pairs(cls, user: np.ndarray, product: np.ndarray, first_ts: np.ndarray, n_recent: np.ndarray,
+                   n_users: int, n_products: int, cutoff: int) -> Interactions:  # fmt: skip
+        """The same as :meth:`from_events`, from the positives already aggregated per (customer, product) pair:
+        the time of the pair's first positive and its number of positives in the recent window. What an engine
+        that counts elsewhere (Spark) hands over instead of every positive event: one row per pair."""
+        order = np.lexsort((product, user))
+        u, p = user[order].astype(np.int64), product[order].astype(np.int64)
+        ft, nr = first_ts[order].astype(np.int64), n_recent[order].astype(np.float32)
+        ones = np.ones(len(u), dtype=np.float32)
+        matrix = sp.csr_matrix((ones, (u, p)), shape=(n_users, n_products), dtype=np.float32)
+        matrix.data[:] = 1.0
+        r = nr > 0
+        recent = sp.csr_matrix((nr[r], (u[r], p[r])), shape=(n_users, n_products), dtype=np.float32)
+        start = np.full(n_users, np.iinfo(np.int64).max)
+        np.minimum.at(start, u, ft)
+        is_add = ft > start[u]
+        return cls(int(cutoff), matrix, recent, u[is_add], p[is_add], ft[is_add], u, p, ft)
 
     def held_before(self, users: np.ndarray, times: np.ndarray) -> sp.csr_matrix:
         """(len(users), n_products) 0/1: what each ``users[i]`` had as a positive strictly before ``times[i]``."""

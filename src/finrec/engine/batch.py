@@ -54,16 +54,28 @@ def catalogue_stats(tables: SparkEventTables, cutoff: int) -> pd.DataFrame:
     return out
 
 
+#: Rows one collect to the driver brings at most: Spark refuses results over spark.driver.maxResultSize (1 GB by
+#: default), and 4M customers' positive events were 1.03 GB in one collect.
+PAIRS_PER_COLLECT = 5_000_000
+USERS_PER_COLLECT = 1_000_000
+
+
 def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame, products: pd.DataFrame,
                cutoff: int) -> Any:  # fmt: skip
     """The model's candidate sources fitted at ``cutoff`` on every customer: the bundle's own when it was fitted
     there on the same events (the usual case: recommending at the end of the training data), else refitted on
-    the driver from the positives before ``cutoff`` (a matrix the size of the positives, not of the customers)."""
+    the driver from every customer's positives before ``cutoff``.
+
+    Spark counts the positives per (customer, product) pair (first time, positives in the recent window) and the
+    driver receives one row per pair, and the profile rows of customers with a positive, in pieces of a bounded
+    size (a matrix the size of the positive pairs, not of the events or of the customers).
+    """
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from finrec.candidates.interactions import Interactions, grade_table
+    from finrec.candidates.interactions import DAY, RECENT_DAYS, Interactions, grade_table
     from finrec.data.dataset import ETYPE
-    from finrec.features.partition import partition_dataset, typed_users
+    from finrec.features.partition import typed_users
 
     if model.sources is None:
         return None
@@ -73,11 +85,35 @@ def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame,
         return model.sources
     grade = grade_table(cfg.grades)
     codes = [int(c) for c in range(len(grade)) if grade[c] >= cfg.min_grade and c != ETYPE["close"]]
-    positives = tables.ev.where((F.col("ts") < cutoff) & F.col("e").isin(codes))
-    who = users.join(positives.select(F.col("u").alias("uid")).distinct(), "uid", "left_semi").drop("uid")
-    ds = partition_dataset(typed_users(who.toArrow()), products, positives.toArrow(), tables.data)
-    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_products, cfg.grades, cfg.min_grade, cutoff=cutoff)
-    return model.sources.refit(inter, model.sources.segment_codes(ds.users))
+    recent_from = cutoff - int(RECENT_DAYS * DAY)
+    pairs = (
+        tables.ev.where((F.col("ts") < cutoff) & F.col("e").isin(codes)).groupBy("u", "p")
+        .agg(F.min("ts").alias("first"), F.sum((F.col("ts") >= recent_from).cast("long")).alias("recent"))
+        .persist(StorageLevel.DISK_ONLY)
+    )  # fmt: skip
+    try:
+        who = users.join(pairs.select(F.col("u").alias("uid")).distinct(), "uid", "left_semi").persist(
+            StorageLevel.DISK_ONLY
+        )
+        n_pairs, n_who = pairs.count(), who.count()
+        pieces = max(1, -(-n_pairs // PAIRS_PER_COLLECT), -(-n_who // USERS_PER_COLLECT))
+        raw_users, got = [], []
+        for i in range(pieces):
+            raw_users.append(who.where(F.pmod(F.xxhash64("uid"), F.lit(pieces)) == i).toArrow())
+            got.append(pairs.where(F.pmod(F.xxhash64("u"), F.lit(pieces)) == i).select("u", "p", "first", "recent")
+                       .toArrow())  # fmt: skip
+        who.unpersist()
+    finally:
+        pairs.unpersist()
+    typed = typed_users(pa.concat_tables(raw_users)) if raw_users else typed_users(users.limit(0).toArrow())
+    table = pa.concat_tables(got)
+    row = pd.Index(typed["user_id"]).get_indexer(table.column("u").to_numpy(zero_copy_only=False))
+    if (row < 0).any():
+        raise FinrecError("a positive event names a customer the users table does not hold",
+                          hint="validate the data (`finrec validate`): every event's user_id must be a customer")
+    inter = Interactions.from_pairs(row, table.column("p").to_numpy(), table.column("first").to_numpy(),
+                                    table.column("recent").to_numpy(), len(typed), len(products), cutoff)  # fmt: skip
+    return model.sources.refit(inter, model.sources.segment_codes(typed))
 
 
 def _with_uid(raw: DataFrame) -> DataFrame:
