@@ -87,7 +87,7 @@ def _redis_before(ctx: Context) -> dict[str, Any]:
     """Empty the benchmark's own Redis database, then read the server's memory: the materialize stage's baseline."""
     import redis
 
-    client = redis.Redis.from_url(ctx.redis)
+    client = redis.Redis.from_url(ctx.redis, socket_timeout=600)
     client.flushdb()
     return {"used_memory": int(client.info("memory")["used_memory"])}
 
@@ -97,9 +97,9 @@ def _redis_metrics(ctx: Context, before: dict[str, Any]) -> dict[str, Any]:
     that the next size starts from nothing and the server gives the memory back."""
     import redis
 
-    client = redis.Redis.from_url(ctx.redis)
+    client = redis.Redis.from_url(ctx.redis, socket_timeout=600)
     keys, used = int(client.dbsize()), int(client.info("memory")["used_memory"])
-    client.flushdb()
+    client.flushdb(asynchronous=True)  # 4M keys: a blocking FLUSHDB outlasted the client's wait and lost the run
     with contextlib.suppress(redis.RedisError):  # without jemalloc the memory comes back as the allocator decides
         client.execute_command("MEMORY PURGE")  # jemalloc gives the freed pages back: the next stage has them
     grown = used - before["used_memory"]
