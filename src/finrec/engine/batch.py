@@ -81,7 +81,7 @@ def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame,
         return None
     cfg = model.config
     n_before = tables.ev.where(F.col("ts") < cutoff).count()
-    if cutoff == cfg.sources_cutoff and n_before == cfg.sources_events:
+    if cfg.sources_fitted_at(cutoff, n_before):
         return model.sources
     grade = grade_table(cfg.grades)
     codes = [int(c) for c in range(len(grade)) if grade[c] >= cfg.min_grade and c != ETYPE["close"]]

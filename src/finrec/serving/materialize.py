@@ -223,8 +223,7 @@ def producer(engine: str) -> type:
 def check_sources(model: TwoStageModel, cutoff: int, n_events: int) -> None:
     """Refuse, before any work, a bundle whose candidate sources were not fitted on the snapshot's events: a
     replica holds no events to refit them on (the bundle records where they were fitted)."""
-    cfg = model.config
-    if model.sources is not None and (cutoff, n_events) != (cfg.sources_cutoff, cfg.sources_events):
+    if model.sources is not None and not model.config.sources_fitted_at(cutoff, n_events):
         raise refuse_sources()
 
 

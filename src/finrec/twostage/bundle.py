@@ -82,3 +82,8 @@ class BundleConfig:
 
     def with_sources_fit(self, cutoff: int, n_events: int) -> BundleConfig:
         return replace(self, sources_cutoff=int(cutoff), sources_events=int(n_events))
+
+    def sources_fitted_at(self, cutoff: int, n_events: int) -> bool:
+        """Whether the bundle's candidate sources were fitted before ``cutoff`` on exactly ``n_events`` events
+        (then they are used as they are; elsewhere they are refitted, or refused where they cannot be)."""
+        return (int(cutoff), int(n_events)) == (self.sources_cutoff, self.sources_events)

@@ -136,7 +136,7 @@ class TwoStageModel:
         cache = self._snapshot_cache(snap)
         if "sources" not in cache:
             n_before = int(np.searchsorted(builder.ds.events.ts, snap.cutoff, side="left"))
-            if snap.cutoff == self.config.sources_cutoff and n_before == self.config.sources_events:
+            if self.config.sources_fitted_at(snap.cutoff, n_before):
                 cache["sources"] = self.sources
             else:
                 inter = self.positives(builder, snap)
