@@ -62,7 +62,11 @@ class CustomerSample:
         kept = users.where(bucket < F.lit(int(round(share * _BUCKETS)))).cache()
         # In file order, as load_dataset reads them: a sample of every customer is then the same dataset, row for row.
         raw_users = kept.drop("uid").toArrow().sort_by([("__file", "ascending"), ("__row", "ascending")])
-        events = tables.ev.join(kept.select(F.col("uid").alias("u")), "u", "left_semi").toArrow()
+        # The kept ids are broadcast: a semi-join against a hash of them streams the log once. Left to Spark's size
+        # estimate (the whole users file's, not the sample's), a base whose users file is over the broadcast limit
+        # (10 MB) got a sort-merge join: every event of the base sorted by customer to keep a few.
+        ids = F.broadcast(kept.select(F.col("uid").alias("u")))
+        events = tables.ev.join(ids, "u", "left_semi").toArrow()
         kept.unpersist()
         if not raw_users.num_rows or not events.num_rows:
             raise FinrecError(f"the sample of {self.data} holds no customer with events",
