@@ -61,10 +61,11 @@ USERS_PER_COLLECT = 1_000_000
 
 
 def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame, products: pd.DataFrame,
-               cutoff: int) -> Any:  # fmt: skip
+               cutoff: int, n_before: int | None = None) -> Any:  # fmt: skip
     """The model's candidate sources fitted at ``cutoff`` on every customer: the bundle's own when it was fitted
     there on the same events (the usual case: recommending at the end of the training data), else refitted on
-    the driver from every customer's positives before ``cutoff``.
+    the driver from every customer's positives before ``cutoff``. ``n_before``: the events before ``cutoff`` when
+    the caller has counted them (:meth:`SparkEventTables.span` does at the end of the data), else counted here.
 
     Spark counts the positives per (customer, product) pair (first time, positives in the recent window) and the
     driver receives one row per pair, and the profile rows of customers with a positive, in pieces of a bounded
@@ -80,7 +81,8 @@ def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame,
     if model.sources is None:
         return None
     cfg = model.config
-    n_before = tables.ev.where(F.col("ts") < cutoff).count()
+    if n_before is None:
+        n_before = tables.ev.where(F.col("ts") < cutoff).count()
     if cfg.sources_fitted_at(cutoff, n_before):
         return model.sources
     grade = grade_table(cfg.grades)
@@ -189,10 +191,10 @@ def spark_recommend(spark: SparkSession, model_dir: Path, data: Path, users_file
     products, _ = load_table(data, "products")
     tables = SparkEventTables(spark, data, dedupe=dedupe)
     try:
-        cutoff, _ = tables.span()
+        cutoff, n_events = tables.span()
         stats = catalogue_stats(tables, cutoff)
         users = _with_uid(_read_raw(spark, find_table(data, "users")))
-        sources = sources_at(tables, model, users, products, cutoff)
+        sources = sources_at(tables, model, users, products, cutoff, n_events)
         wanted = (
             spark.read.text(str(users_file)).select(F.trim("value").alias("uid"))
             .where((F.col("uid") != "") & (F.lower("uid") != "user_id")).distinct()

@@ -102,7 +102,8 @@ class CustomerSample:
         if model.sources is None:
             return
         cutoff, n_events = self.tables.span()
-        model.sources = sources_at(self.tables, model, self.users, self.products, cutoff)  # as is for a full sample
+        # As is for a full sample; the log is counted once (span), not again by sources_at.
+        model.sources = sources_at(self.tables, model, self.users, self.products, cutoff, n_events)
         model.config = model.config.with_sources_fit(cutoff, n_events)
 
     def __exit__(self, *exc: object) -> None:
