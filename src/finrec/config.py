@@ -201,6 +201,22 @@ class TrainSettings(_Section):
     max_retrieval_pairs: int = Field(
         400_000, ge=1_000, description="Positive pairs the two-tower learns from at most (a seeded sample above)."
     )
+    two_tower_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes the two-tower trains in, data-parallel (each embeds its share of every batch; the "
+        "softmax still runs over the whole batch; gradients summed with gloo). Each process runs torch on one "
+        "thread, so up to the machine's cores this divides the two-tower's time. Part of the model's definition "
+        "(recorded in the bundle): the same seed and workers give the same weights; other workers, the same model "
+        "up to float rounding. Each process holds the training pairs' tensors (bounded by max_retrieval_pairs).",
+    )
+    two_tower_launcher: Literal["local", "spark"] = Field(
+        "local",
+        description="What starts the two-tower's processes when two_tower_workers > 1: `local` spawns them on "
+        "this machine; `spark` asks Spark's TorchDistributor (needs `finrec[spark]` and Java; local mode: on the "
+        "driver, where the training sample is). Both give the same weights.",
+    )
     max_ranker_rows: int = Field(
         2_000_000,
         ge=1_000,

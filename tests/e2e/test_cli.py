@@ -207,3 +207,10 @@ def test_engine_flags_refuse_bad_requests_before_any_work(tmp_path: Path) -> Non
     assert_clean_failure(finrec("features", "-d", d, "-o", str(tmp_path / "f"), "--cutoff", "someday"), 2,
                          "--cutoff 'someday' is not a time")  # fmt: skip
     assert not (tmp_path / "f").exists()
+
+
+def test_spark_launcher_for_the_two_tower_needs_the_spark_engine(tmp_path: Path) -> None:
+    env = {"FINREC_TRAIN__TWO_TOWER_WORKERS": "2", "FINREC_TRAIN__TWO_TOWER_LAUNCHER": "spark"}
+    res = finrec("train", "-d", str(tmp_path / "data"), "-m", str(tmp_path / "model"), env=env)
+    assert_clean_failure(res, 2, "two_tower_launcher", "--engine spark")
+    assert not (tmp_path / "model").exists()

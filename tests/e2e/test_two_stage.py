@@ -534,3 +534,23 @@ def test_ann_index_setting_is_used_and_close_to_exact(small_world: Path, tmp_pat
     overlap = np.mean([len(set(a[a >= 0]) & set(e[e >= 0])) / max((e >= 0).sum(), 1)
                        for a, e in zip(ann.items, exact.items, strict=True)])  # fmt: skip
     assert overlap > 0.9
+
+
+@pytest.mark.slow
+def test_a_data_parallel_two_tower_is_recorded_and_serves(tiny_world: Path, tmp_path: Path) -> None:
+    """`[train] two_tower_workers = 2`: the two-tower trains in two processes, the manifest and the two-tower's
+    own description say so, and the bundle loads and recommends."""
+    from finrec.config import FinrecSettings
+    from finrec.testing import TINY_TRAIN
+
+    s = FinrecSettings(train={**TINY_TRAIN, "two_tower_workers": 2})
+    manifest = pipeline.train(tiny_world, tmp_path / "model", s, progress=False)
+    assert manifest["metrics"]["training"]["retrieval"]["workers"] == 2
+    (meta,) = (tmp_path / "model").rglob("two_tower.json")
+    assert json.loads(meta.read_text())["config"]["workers"] == 2
+    users = load_dataset(tiny_world).users["user_id"].astype(str).head(3).tolist()
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    pipeline.recommend(tmp_path / "model", tiny_world, tmp_path / "users.txt", 5, tmp_path / "recs.csv", s,
+                       progress=False)  # fmt: skip
+    recs = pd.read_csv(tmp_path / "recs.csv", dtype={"user_id": str})
+    assert set(recs["user_id"]) == set(users) and len(recs) == 15

@@ -344,11 +344,37 @@ def test_config_round_trips_through_json() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("embedding_dim", 0), ("temperature", 0.0), ("id_dropout", 1.0), ("hidden", (0,)), ("batch_size", 1.5)],
+    [("embedding_dim", 0), ("temperature", 0.0), ("id_dropout", 1.0), ("hidden", (0,)), ("batch_size", 1.5),
+     ("workers", 0)],
 )
 def test_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         TwoTowerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- data-parallel training
+
+
+@pytest.mark.slow
+def test_workers_take_the_one_process_steps(tiny: World, tmp_path: Path) -> None:
+    """Processes that each embed a share of every batch (three pad each batch: 512 and 88 rows are not multiples
+    of 3) take one process's steps: its losses, early stopping and embeddings, up to float summation order
+    (without the gathered negatives each process's softmax would see a third of the batch, and the loss would
+    differ by far more). The same workers twice give the same weights bit for bit, and a bundle says how many."""
+    one = fit(tiny, max_epochs=3)
+    models = {k: fit(tiny, max_epochs=3, workers=k) for k in (2, 3)}
+    for k, m in models.items():
+        np.testing.assert_allclose([h["loss"] for h in m.history_], [h["loss"] for h in one.history_], rtol=1e-5)
+        assert [h["val_recall"] for h in m.history_] == [h["val_recall"] for h in one.history_], k
+        assert m.best_epoch_ == one.best_epoch_
+        for a, b in zip(embeddings(m, tiny), embeddings(one, tiny), strict=True):
+            assert np.abs(a - b).max() < 1e-3, k
+    again = fit(tiny, max_epochs=3, workers=2)
+    for a, b in zip(embeddings(again, tiny), embeddings(models[2], tiny), strict=True):
+        assert np.array_equal(a, b)
+    models[2].save(tmp_path)
+    assert json.loads((tmp_path / META_FILE).read_text())["config"]["workers"] == 2
+    assert TwoTowerModel.load(tmp_path).config.workers == 2
 
 
 # --------------------------------------------------------------------------- input validation

@@ -289,6 +289,11 @@ def train(
     from finrec import pipeline
 
     settings = _settings(ctx)
+    t = settings.train
+    if t.two_tower_workers > 1 and t.two_tower_launcher == "spark" and engine_of(ctx, engine) != "spark":
+        raise FinrecError("[train] two_tower_launcher = \"spark\" starts the two-tower's processes with Spark, "
+                          "and this train runs on the embedded engine",
+                          hint="pass --engine spark, or set [train] two_tower_launcher = \"local\"")  # fmt: skip
     if engine_of(ctx, engine) == "spark":
         with _spark_sample(ctx, data, settings) as (ds, settings, sample):
             # The model learns from the sample; its candidate sources are then fitted on every customer, so that

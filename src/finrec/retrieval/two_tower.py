@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 from finrec import __version__
 from finrec.artifacts import sha256_file
 from finrec.errors import ArtifactError
+from finrec.retrieval.data_parallel import Group
 from finrec.retrieval.index import ExactIndex
 
 __all__ = ["TwoTowerConfig", "TwoTowerModel", "recall_at_k"]
@@ -110,10 +111,14 @@ class TwoTowerConfig:
     logq_correction: bool = True
     recall_k: int = 50
     seed: int = 0
+    # Data-parallel processes (finrec.retrieval.data_parallel): each embeds its share of every batch, the
+    # softmax still runs over the whole batch. Part of the model's definition: the same seed and workers give
+    # the same weights whatever starts the processes; other workers, the same model up to float summation order.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(self.hidden))
-        for name in ("embedding_dim", "batch_size", "max_epochs", "patience", "recall_k"):
+        for name in ("embedding_dim", "batch_size", "max_epochs", "patience", "recall_k", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TwoTowerConfig.{name} must be a positive integer, got {value!r}")
@@ -328,11 +333,14 @@ class TwoTowerModel:
         val_pairs: np.ndarray,
         weights: np.ndarray | None = None,
         progress: bool = False,
+        launcher: Callable[[TwoTowerModel, Any, int], None] | None = None,
     ) -> TwoTowerModel:
         """Train on ``pairs`` and early-stop on validation recall@``recall_k`` over ``val_pairs``.
 
         With no ``val_pairs`` (a refit after validation chose the epochs), ``max_epochs`` epochs run and the
-        last one is kept.
+        last one is kept. With ``workers`` > 1 the fit runs in that many processes started by ``launcher``
+        (default :func:`~finrec.retrieval.data_parallel.launch_local`; Spark's is
+        :func:`~finrec.retrieval.data_parallel.launch_spark`).
         """
         cfg = self.config
         ux = _float_matrix("user_x", user_x)
@@ -377,11 +385,24 @@ class TwoTowerModel:
                 torch.manual_seed(cfg.seed)
                 net = _TwoTowerNet(ux.shape[1], ix.shape[1], n_ids, cfg.embedding_dim, cfg.hidden)
             self.net_ = net
-            self._train(data, train, val, w, progress)
+            if cfg.workers == 1:
+                self._train(data, train, val, w, progress)
+                return self
+        from finrec.retrieval import data_parallel
+
+        shapes = {"n_user_features": ux.shape[1], "n_item_features": ix.shape[1], "n_ids": n_ids}
+        payload = data_parallel.Payload(cfg.to_dict(), shapes, copy.deepcopy(net.state_dict()), data, train, val,
+                                        w, progress)  # fmt: skip
+        (launcher or data_parallel.launch_local)(self, payload, cfg.workers)
+        net.eval()
         return self
 
-    def _train(self, data: _Data, train: np.ndarray, val: np.ndarray, w: np.ndarray, progress: bool) -> None:
+    def _train(self, data: _Data, train: np.ndarray, val: np.ndarray, w: np.ndarray, progress: bool,
+               group: Group | None = None) -> None:  # fmt: skip
+        """The training loop, in one process or in one of a data-parallel group's (``group``: each process then
+        runs it with the same batches and takes the same steps)."""
         cfg = self.config
+        group = group or Group()
         net = self.net_
         rng = np.random.default_rng(cfg.seed)
         dropout_gen = torch.Generator().manual_seed(cfg.seed)
@@ -401,15 +422,21 @@ class TwoTowerModel:
             total_loss = 0.0
             for lo in range(0, len(order), cfg.batch_size):
                 idx = order[lo : lo + cfg.batch_size]
-                loss = self._batch_loss(data, pairs_t[idx], w_t[idx], dropout_gen)
+                if group.world == 1:
+                    loss = self._batch_loss(data, pairs_t[idx], w_t[idx], dropout_gen)
+                else:
+                    loss = self._shard_loss(data, pairs_t[idx], w_t[idx], dropout_gen, group)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
+                group.sum_gradients(net.parameters())
                 optimiser.step()
                 total_loss += float(loss.detach()) * len(idx)
-            recall = self._validation_recall(data, val) if len(val) else math.nan
+            recall = math.nan
+            if len(val):
+                recall = group.from_first(self._validation_recall(data, val) if group.rank == 0 else 0.0)
             record = {
                 "epoch": epoch,
-                "loss": total_loss / len(train),
+                "loss": group.total(total_loss) / len(train),
                 "val_recall": recall,
                 "seconds": time.perf_counter() - start,
             }
@@ -449,6 +476,37 @@ class TwoTowerModel:
         logits = logits.masked_fill(accidental, -math.inf)
         per_row = F.cross_entropy(logits, torch.arange(len(items)), reduction="none")
         return (per_row * w).mean()
+
+    def _shard_loss(
+        self, data: _Data, batch: torch.Tensor, w: torch.Tensor, generator: torch.Generator, group: Group
+    ) -> torch.Tensor:
+        """This process's part of :meth:`_batch_loss`: the loss of its contiguous share of the batch's rows over
+        every item of the batch (gathered from the group), divided by the whole batch's size, so that the group's
+        summed gradients are the whole batch's. The batch is padded to a multiple of the group's size: padded
+        rows weigh 0 and padded columns are no row's negative."""
+        cfg = self.config
+        n = len(batch)
+        keep = torch.rand(n, generator=generator) >= cfg.id_dropout  # the whole batch's draw, as in one process
+        chunk = -(-n // group.world)
+        pad = chunk * group.world - n
+        if pad:
+            batch = torch.cat([batch, batch[:1].expand(pad, 2)])
+            keep = torch.cat([keep, torch.zeros(pad, dtype=torch.bool)])
+            w = torch.cat([w, torch.zeros(pad, dtype=w.dtype)])
+        users, items = batch[:, 0], batch[:, 1]
+        mine = slice(group.rank * chunk, (group.rank + 1) * chunk)
+        u = self.net_.user(data.user_x[users[mine]], data.history_ids[users[mine]])
+        v = group.gather(self.net_.item(data.item_x[items[mine]], data.item_ids[items[mine]], keep[mine]))
+        logits = u @ v.T / cfg.temperature
+        if cfg.logq_correction:
+            logits = logits - data.log_q[items].unsqueeze(0)
+        rows = torch.arange(chunk)
+        label = rows + group.rank * chunk
+        masked = (items[mine].unsqueeze(1) == items.unsqueeze(0)) | (torch.arange(len(items)) >= n).unsqueeze(0)
+        masked[rows, label] = False  # a row's own column: its positive (a padded row's keeps its loss finite)
+        logits = logits.masked_fill(masked, -math.inf)
+        per_row = F.cross_entropy(logits, label, reduction="none")
+        return (per_row * w[mine]).sum() / n
 
     @torch.no_grad()
     def _validation_recall(self, data: _Data, val: np.ndarray) -> float:

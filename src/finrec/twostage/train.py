@@ -143,6 +143,17 @@ def train_two_stage(
 
 
 # -- shared steps --------------------------------------------------------------------------------------
+def _two_tower_launcher(name: str) -> Any:
+    """What starts a data-parallel two-tower's processes (``[train] two_tower_launcher``); None: the default."""
+    if name == "spark":
+        from finrec.engine.spark import require_pyspark
+        from finrec.retrieval.data_parallel import launch_spark
+
+        require_pyspark()
+        return launch_spark
+    return None
+
+
 def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: FeatureSpace, settings: FinrecSettings,
                    report: TrainingReport, progress: bool, exclude: np.ndarray | None = None,
                    epochs: int | None = None, known: Snapshot | None = None) -> TwoTowerModel | None:  # fmt: skip
@@ -234,10 +245,10 @@ def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: Feature
     # bigger than N is recall 1.0 from the first epoch. Cap N at a tenth of the catalogue.
     recall_k = max(1, min(t.n_candidates, ds.n_products // 10))
     cfg = TwoTowerConfig(embedding_dim=t.embedding_dim, max_epochs=epochs or t.max_epochs, seed=t.seed,
-                         recall_k=recall_k)  # fmt: skip
+                         recall_k=recall_k, workers=t.two_tower_workers)  # fmt: skip
     retriever = TwoTowerModel(cfg).fit(
         ux, hist, item_x, np.arange(ds.n_products, dtype=np.int64), pairs, val_pairs,
-        weights=weights, progress=progress,
+        weights=weights, progress=progress, launcher=_two_tower_launcher(t.two_tower_launcher),
     )  # fmt: skip
     if epochs is not None:
         report.metrics.setdefault("retrieval", {})["refit"] = {"train_pairs": int(len(pairs)), "epochs": epochs,
@@ -247,6 +258,7 @@ def _fit_two_tower(builder: FeatureBuilder, split: TemporalSplit, space: Feature
         "train_pairs": int(len(pairs)),
         "val_pairs": int(len(val_pairs)),
         "best_epoch": int(retriever.best_epoch_),
+        "workers": cfg.workers,
         f"val_recall@{cfg.recall_k}": float(max(h["val_recall"] for h in retriever.history_)),
     }
     return retriever
