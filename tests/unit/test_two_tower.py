@@ -377,6 +377,25 @@ def test_workers_take_the_one_process_steps(tiny: World, tmp_path: Path) -> None
     assert TwoTowerModel.load(tmp_path).config.workers == 2
 
 
+@pytest.mark.slow
+def test_a_failed_process_is_a_clear_error(tiny: World) -> None:
+    """A data-parallel process that fails (here: weights of another shape than its network) ends the fit with
+    an error naming the process, what it raised and what to change, not a traceback of the child."""
+    from finrec.errors import FinrecError
+    from finrec.retrieval import data_parallel
+
+    def broken(model: TwoTowerModel, payload: data_parallel.Payload, workers: int) -> None:
+        payload.shapes["n_item_features"] += 1
+        data_parallel.launch_local(model, payload, workers)
+
+    failed = r"process \d of the two-tower's 2 data-parallel processes failed: .*size"
+    with pytest.raises(FinrecError, match=failed) as err:
+        TwoTowerModel(TwoTowerConfig(max_epochs=1, recall_k=5, workers=2)).fit(
+            tiny.user_x, tiny.history, tiny.item_x, tiny.item_ids, tiny.pairs, tiny.val_pairs, launcher=broken
+        )
+    assert "two_tower_workers" in (err.value.hint or "")
+
+
 # --------------------------------------------------------------------------- input validation
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:  # pragma: no cover
-    from finrec.retrieval.two_tower import TwoTowerModel, _Data
+    from finrec.retrieval.two_tower import TwoTowerModel
 
 _RESULT_WEIGHTS = "weights.safetensors"
 _RESULT_META = "result.json"
@@ -106,12 +106,13 @@ class Group:
 
 @dataclass
 class Payload:
-    """What each process trains from: picklable, tensors shared with the processes a launcher spawns."""
+    """What each process trains from, as numpy arrays: pickled to each process whole. Torch tensors would go
+    through shared memory (/dev/shm), which containers often cap at 64 MB."""
 
     config: dict[str, Any]
     shapes: dict[str, int]
-    initial: dict[str, torch.Tensor]
-    data: _Data
+    initial: dict[str, np.ndarray]
+    data: dict[str, np.ndarray]  # the fields of two_tower._Data
     train: np.ndarray
     val: np.ndarray
     weights: np.ndarray
@@ -123,7 +124,7 @@ def train_shard(payload: Payload, out_dir: str) -> None:
     ``out_dir``. The entry point of every launcher."""
     from safetensors.torch import save_file
 
-    from finrec.retrieval.two_tower import TwoTowerConfig, TwoTowerModel, _TwoTowerNet
+    from finrec.retrieval.two_tower import TwoTowerConfig, TwoTowerModel, _Data, _TwoTowerNet
 
     torch.set_num_threads(1)  # one process a core: see two_tower's note on threads
     group = Group.from_env()
@@ -131,10 +132,11 @@ def train_shard(payload: Payload, out_dir: str) -> None:
         cfg = TwoTowerConfig.from_dict(payload.config)
         s = payload.shapes
         net = _TwoTowerNet(s["n_user_features"], s["n_item_features"], s["n_ids"], cfg.embedding_dim, cfg.hidden)
-        net.load_state_dict(payload.initial)
+        net.load_state_dict({k: torch.from_numpy(v) for k, v in payload.initial.items()})
         model = TwoTowerModel(cfg)
         model.net_ = net
-        model._train(payload.data, payload.train, payload.val, payload.weights,
+        data = _Data(**{k: torch.from_numpy(v) for k, v in payload.data.items()})
+        model._train(data, payload.train, payload.val, payload.weights,
                      payload.progress and group.rank == 0, group)  # fmt: skip
         if group.rank == 0:
             out = Path(out_dir)
@@ -180,10 +182,20 @@ def launch_local(model: TwoTowerModel, payload: Payload, workers: int) -> None:
     Spawned, not forked: the caller may hold DuckDB's and OpenMP's threads, which a forked child inherits locked.
     """
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    from finrec.errors import FinrecError
 
     with tempfile.TemporaryDirectory(prefix="finrec-two-tower-") as out:
-        mp.start_processes(_spawned, args=(workers, _free_port(), payload, out), nprocs=workers, join=True,
-                           start_method="spawn")  # fmt: skip
+        try:
+            mp.start_processes(_spawned, args=(workers, _free_port(), payload, out), nprocs=workers, join=True,
+                               start_method="spawn")  # fmt: skip
+        except ProcessException as exc:  # a process raised, or was killed (out of memory: SIGKILL)
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise FinrecError(f"process {exc.error_index} of the two-tower's {workers} data-parallel processes "
+                              f"failed: {last}",
+                              hint="each process holds the training tensors: lower [train] two_tower_workers "
+                              "(1 trains in this process) or max_retrieval_pairs") from None  # fmt: skip
         read_result(model, Path(out))
 
 

@@ -391,8 +391,9 @@ class TwoTowerModel:
         from finrec.retrieval import data_parallel
 
         shapes = {"n_user_features": ux.shape[1], "n_item_features": ix.shape[1], "n_ids": n_ids}
-        payload = data_parallel.Payload(cfg.to_dict(), shapes, copy.deepcopy(net.state_dict()), data, train, val,
-                                        w, progress)  # fmt: skip
+        initial = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+        arrays = {f.name: getattr(data, f.name).numpy() for f in fields(_Data)}
+        payload = data_parallel.Payload(cfg.to_dict(), shapes, initial, arrays, train, val, w, progress)
         (launcher or data_parallel.launch_local)(self, payload, cfg.workers)
         net.eval()
         return self
