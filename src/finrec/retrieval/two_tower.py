@@ -45,7 +45,8 @@ and thread count.
 Threads: training and inference run torch on one intra-op thread (restored afterwards). The matrices are small
 (a 512-row batch through a 128-wide MLP), so a second thread gains nothing measurable, while on a busy 2-core
 machine OpenMP's spinning workers made a 2-second fit take 30-50 seconds. One thread also makes the embeddings
-independent of the caller's ``torch.set_num_threads`` setting, so they are bit-identical across processes.
+independent of the caller's ``torch.set_num_threads`` setting, so they are bit-identical across processes. To use
+more cores, ``workers`` > 1 trains data-parallel, one process (and thread) each: ``finrec.retrieval.data_parallel``.
 
 Artifacts (``save``/``load``) hold no pickle: ``two_tower.safetensors`` (weights and the history-row to id map)
 and ``two_tower.json`` (config, shapes, training history and the weights' sha256).
