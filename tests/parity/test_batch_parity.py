@@ -56,7 +56,7 @@ def test_spark_batch_recommendations_equal_the_embedded_ones(spark: object, tiny
     assert set(a["user_id"]) == set(b["user_id"])
 
 
-def test_sources_refitted_at_a_later_cutoff_agree(spark: object, tiny_world: Path, tmp_path: Path) -> None:
+def test_sources_refitted_at_a_later_cutoff_agree_and_refuse_orphan_events(spark: object, tiny_world: Path, tmp_path: Path) -> None:
     # A bundle trained on the first months, asked about the whole data: its sources are refitted at the end.
     early = tmp_path / "early"
     shutil.copytree(tiny_world, early, ignore=shutil.ignore_patterns("events.parquet"))
@@ -69,3 +69,14 @@ def test_sources_refitted_at_a_later_cutoff_agree(spark: object, tiny_world: Pat
     users.write_text("\n".join(_ids(tiny_world, 400)) + "\n")
     a, b, _ = _both(spark, tmp_path / "model", tiny_world, users, tmp_path)
     _assert_same(a, b)
+
+    # Positive events of customers the users table lacks: the refit says so rather than dropping them.
+    from finrec.engine.batch import spark_recommend
+    from finrec.errors import FinrecError
+
+    orphans = tmp_path / "orphans"
+    shutil.copytree(tiny_world, orphans)
+    table = pq.read_table(tiny_world / "users.parquet")
+    pq.write_table(table.slice(20), orphans / "users.parquet")
+    with pytest.raises(FinrecError, match=r"pairs of positive events name a customer the users table does not hold"):
+        spark_recommend(spark, tmp_path / "model", orphans, users, 10, tmp_path / "o.parquet", FinrecSettings())  # type: ignore[arg-type]

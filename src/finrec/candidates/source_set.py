@@ -65,6 +65,15 @@ def ranks_among(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def segment_codes(users: pd.DataFrame, column: str, vocab: list[str]) -> np.ndarray:
+    """Code of each customer's ``column`` value in ``vocab`` (-1 unknown, missing, or no such column): what a
+    segment-aware source reads of a profile. A function of the row alone, so any engine can apply it per piece."""
+    if column not in users.columns:
+        return np.full(len(users), -1, dtype=np.int64)
+    vals = users[column].astype(object).where(users[column].notna(), None)
+    return pd.Index(vocab).get_indexer(vals.map(lambda v: None if v is None else str(v)))
+
+
 class SourceSet:
     """Fitted candidate sources, by name, in a fixed order."""
 
@@ -102,10 +111,7 @@ class SourceSet:
         """Segment code of each row of a customers frame (-1 unknown), or None without a segment column."""
         if self.segment_column is None:
             return None
-        if self.segment_column not in users.columns:
-            return np.full(len(users), -1, dtype=np.int64)
-        vals = users[self.segment_column].astype(object).where(users[self.segment_column].notna(), None)
-        return pd.Index(self.segment_vocab).get_indexer(vals.map(lambda v: None if v is None else str(v)))
+        return segment_codes(users, self.segment_column, self.segment_vocab)
 
     def code_of(self, value: Any) -> int:
         if value is None or self.segment_column is None:
