@@ -137,18 +137,19 @@ def test_drift_alert_retrain_gate_promotion_and_conversion_recovers(
     reg = registry_with(root, drifting_champion)
     old_version = reg.entry("v1")["model_version"]
     # Half the customers stay on the drifted model (control, pinned to v1), half follow the champion (treatment):
-    # both arms serve v1 until the retrained model is promoted. 20,000 data seconds per second: the 150 s of
+    # both arms serve v1 until the retrained model is promoted. 40,000 data seconds per second: the 75 s of
     # simulation before retraining are about 35 days of drifted feedback (the features' 30-day windows fill), at
-    # about the world's own rate of sessions per customer (6,000 customers x 0.7 a month; 40 requests/s here).
-    srv = start(server_factory, drifting_world, root, FINREC_SERVE__CLOCK_SPEED="20000",
+    # about the world's own rate of sessions per customer (6,000 customers x 0.7 a month; 80 requests/s here; 150 s
+    # at half the speed and rate were the same feedback, and CI's longest test).
+    srv = start(server_factory, drifting_world, root, FINREC_SERVE__CLOCK_SPEED="40000",
                 FINREC_EXPERIMENTS=DRIFT_EXPERIMENT)  # fmt: skip
     # One population for every run, so what customers hold follows what the service saw them take. Seed 4 picks
     # the callers, their order and the random draws of their reactions; it runs first and again after the
     # promotion, so each arm is compared with itself on the same customers and draws (common random numbers).
     customers = SimulatedCustomers.from_world(drifting_world, seed=0)
-    sim = {"progress": False, "api_key": API_KEY, "customers": customers, "rate": 40}
-    before = run_simulation(srv.url, drifting_world, minutes=0.5, seed=4, **sim)
-    rest = run_simulation(srv.url, drifting_world, minutes=2.0, seed=3, **sim)
+    sim = {"progress": False, "api_key": API_KEY, "customers": customers, "rate": 80}
+    before = run_simulation(srv.url, drifting_world, minutes=0.25, seed=4, **sim)
+    rest = run_simulation(srv.url, drifting_world, minutes=1.0, seed=3, **sim)
     assert before.failed_total == 0 and rest.failed_total == 0, before.messages + rest.messages
     assert before.model_versions == [old_version]
     settings = clean_settings(srv.workspace, registry={"root": root}, retrain={"eval_days": 5, "label_days": 5})
@@ -165,7 +166,7 @@ def test_drift_alert_retrain_gate_promotion_and_conversion_recovers(
     while httpx.get(f"{srv.url}/ready", timeout=5).json()["model_version"] != new_version:
         assert time.monotonic() < deadline, "the service did not follow the promotion"
         time.sleep(0.2)
-    after = run_simulation(srv.url, drifting_world, minutes=0.5, seed=4, **sim)
+    after = run_simulation(srv.url, drifting_world, minutes=0.25, seed=4, **sim)
     assert after.failed_total == 0, after.messages
     assert {(v, a) for v, a in after.by_model} == {(old_version, "control"), (new_version, "treatment")}
     # Each arm's change from the first run to its replay holds what the weeks between did to the customers (what

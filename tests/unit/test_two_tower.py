@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from finrec.errors import ArtifactError
+from finrec.retrieval.data_parallel import Group
 from finrec.retrieval.index import ExactIndex
 from finrec.retrieval.two_tower import META_FILE, WEIGHTS_FILE, TwoTowerConfig, TwoTowerModel, recall_at_k
 
@@ -303,7 +304,7 @@ def test_an_item_twice_in_a_batch_is_not_its_own_negative(tiny: World) -> None:
     with torch.no_grad():
         # Four users, one item: every other column is the same item, so all are masked and the loss is 0.
         same = torch.tensor([[0, 5], [1, 5], [2, 5], [3, 5]])
-        assert float(m._batch_loss(data, same, w, gen)) == pytest.approx(0.0, abs=1e-6)
+        assert float(m._batch_loss(data, same, w, gen, Group())) == pytest.approx(0.0, abs=1e-6)
         # Two distinct items, each twice: a row's positive counts once, the other item twice (it was sampled
         # twice as a negative, which is what logQ accounts for).
         mixed = torch.tensor([[0, 5], [1, 5], [2, 6], [3, 6]])
@@ -314,7 +315,7 @@ def test_an_item_twice_in_a_batch_is_not_its_own_negative(tiny: World) -> None:
         pos = s[torch.arange(4), positive]
         neg = s[torch.arange(4), 1 - positive]
         expected = (torch.logsumexp(torch.stack([pos, neg, neg], dim=1), dim=1) - pos).mean()
-        assert float(m._batch_loss(data, mixed, w, gen)) == pytest.approx(float(expected), rel=1e-5)
+        assert float(m._batch_loss(data, mixed, w, gen, Group())) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_cold_items_in_training_catalogue_and_progress(tiny: World, capsys: pytest.CaptureFixture[str]) -> None:

@@ -424,10 +424,7 @@ class TwoTowerModel:
             total_loss = 0.0
             for lo in range(0, len(order), cfg.batch_size):
                 idx = order[lo : lo + cfg.batch_size]
-                if group.world == 1:
-                    loss = self._batch_loss(data, pairs_t[idx], w_t[idx], dropout_gen)
-                else:
-                    loss = self._shard_loss(data, pairs_t[idx], w_t[idx], dropout_gen, group)
+                loss = self._batch_loss(data, pairs_t[idx], w_t[idx], dropout_gen, group)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 group.sum_gradients(net.parameters())
@@ -462,30 +459,16 @@ class TwoTowerModel:
         self.best_val_recall_ = best_recall
 
     def _batch_loss(
-        self, data: _Data, batch: torch.Tensor, w: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        cfg = self.config
-        users, items = batch[:, 0], batch[:, 1]
-        u = self.net_.user(data.user_x[users], data.history_ids[users])
-        keep = torch.rand(len(items), generator=generator) >= cfg.id_dropout
-        v = self.net_.item(data.item_x[items], data.item_ids[items], keep)
-        logits = u @ v.T / cfg.temperature
-        if cfg.logq_correction:
-            logits = logits - data.log_q[items].unsqueeze(0)
-        # The same item elsewhere in the batch is not a negative for the row where it is the positive.
-        accidental = items.unsqueeze(0) == items.unsqueeze(1)
-        accidental.fill_diagonal_(False)
-        logits = logits.masked_fill(accidental, -math.inf)
-        per_row = F.cross_entropy(logits, torch.arange(len(items)), reduction="none")
-        return (per_row * w).mean()
-
-    def _shard_loss(
         self, data: _Data, batch: torch.Tensor, w: torch.Tensor, generator: torch.Generator, group: Group
     ) -> torch.Tensor:
-        """This process's part of :meth:`_batch_loss`: the loss of its contiguous share of the batch's rows over
+        """The batch's in-batch sampled softmax (logQ-corrected; the same item elsewhere in the batch is not a
+        negative for the row where it is the positive), weighted, averaged over the batch's rows.
+
+        In a group of processes, this process's part of it: the loss of its contiguous share of the rows over
         every item of the batch (gathered from the group), divided by the whole batch's size, so that the group's
         summed gradients are the whole batch's. The batch is padded to a multiple of the group's size: padded
-        rows weigh 0 and padded columns are no row's negative."""
+        rows weigh 0 and padded columns are no row's negative. One process (the group of one) takes exactly the
+        steps it took before the data-parallel path existed: weights equal bit for bit."""
         cfg = self.config
         n = len(batch)
         keep = torch.rand(n, generator=generator) >= cfg.id_dropout  # the whole batch's draw, as in one process
