@@ -112,7 +112,8 @@ def main() -> None:
         mine = [x for x in runs if x["version"] == name]
         print(f"| {name} | {statistics.median(x['seconds'] for x in mine):.1f} s "
               f"| {statistics.median(x['peak_rss_mb'] for x in mine):,} MB "
-              f"| {statistics.median(x['refit_rss_mb'] for x in mine):,} MB | {mine[0]['sources_sha256'][:12]} |")  # fmt: skip
+              f"| {statistics.median(x['refit_rss_mb'] for x in mine):,} MB "
+              f"| {mine[0]['sources_sha256'][:12]} |")  # fmt: skip
     digests = {x["sources_sha256"] for x in runs}
     print(f"\nsame sources from every version: {len(digests) == 1}")
     if args.results:

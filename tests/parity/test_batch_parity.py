@@ -56,7 +56,9 @@ def test_spark_batch_recommendations_equal_the_embedded_ones(spark: object, tiny
     assert set(a["user_id"]) == set(b["user_id"])
 
 
-def test_sources_refitted_at_a_later_cutoff_agree_and_refuse_orphan_events(spark: object, tiny_world: Path, tmp_path: Path) -> None:
+def test_sources_refitted_at_a_later_cutoff_agree_and_refuse_orphan_events(
+    spark: object, tiny_world: Path, tmp_path: Path
+) -> None:
     # A bundle trained on the first months, asked about the whole data: its sources are refitted at the end.
     early = tmp_path / "early"
     shutil.copytree(tiny_world, early, ignore=shutil.ignore_patterns("events.parquet"))

@@ -117,9 +117,11 @@ def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame,
                                                                     "seg": pa.array([], pa.int32())})  # fmt: skip
     table = pa.concat_tables(got) if got else pa.table({k: pa.array([], pa.int64()) for k in numbered.columns})
     if table.num_rows != n_pairs:
-        raise FinrecError(f"{n_pairs - table.num_rows:,} customer-product pairs of positive events name a customer "
-                          "the users table does not hold",
-                          hint="validate the data (`finrec validate`): every event's user_id must be a customer")  # fmt: skip
+        raise FinrecError(
+            f"{n_pairs - table.num_rows:,} customer-product pairs of positive events name a customer the users "
+            "table does not hold",
+            hint="validate the data (`finrec validate`): every event's user_id must be a customer",
+        )
     number = customers.column("row").to_numpy()
     order = np.argsort(number, kind="stable")
     row = np.searchsorted(number[order], table.column("row").to_numpy())
