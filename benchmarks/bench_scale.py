@@ -293,15 +293,18 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--customers", type=int, nargs="+", default=[1_000_000, 2_000_000])
-    ap.add_argument("--engines", nargs="+", choices=("duckdb", "spark"), default=["duckdb", "spark"])
-    ap.add_argument("--stages", nargs="+", choices=tuple(STAGES), default=list(STAGES))
-    ap.add_argument("--products", type=int, default=300)
+    ap.add_argument("--customers", type=int, nargs="+", default=[1_000_000, 2_000_000],
+                    help="sizes of the customer base to run, each in a folder of its own under --work")
+    ap.add_argument("--engines", nargs="+", choices=("duckdb", "spark"), default=["duckdb", "spark"],
+                    help="engines to run each stage on (spark: local mode, settings from FINREC_ENGINE__*)")
+    ap.add_argument("--stages", nargs="+", choices=tuple(STAGES), default=list(STAGES),
+                    help="stages to run, always in the pipeline's order (generate writes what the others read)")
+    ap.add_argument("--products", type=int, default=300, help="catalogue size of the generated worlds")
     ap.add_argument("--model", type=Path, default=None,
                     help="bundle for recommend and evaluate (default: what this size's train stage wrote); the "
                     "catalogue depends on --products and --seed only, so one bundle serves every size")
-    ap.add_argument("--months", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--months", type=int, default=12, help="months of events of the generated worlds")
+    ap.add_argument("--seed", type=int, default=7, help="seed of the generated worlds")
     ap.add_argument("--recommend-users", type=int, default=None,
                     help="customers the recommend stage scores (default: every customer of the base)")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/12", help="Redis of the materialize stage")
