@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _child(data: Path, model_dir: Path, driver_memory: str) -> dict[str, Any]:
+def _child(data: Path, model_dir: Path, driver_memory: str, keep: Path | None) -> dict[str, Any]:
     """One refit in this process: the measurements as a dict (printed as JSON by ``--child``)."""
     from finrec.config import EngineSettings
     from finrec.data.dataset import load_table
@@ -67,11 +67,12 @@ def _child(data: Path, model_dir: Path, driver_memory: str) -> dict[str, Any]:
         tables.close()
         spark.stop()
     with tempfile.TemporaryDirectory() as tmp:
-        sources.save(Path(tmp))
+        where = keep or Path(tmp)
+        sources.save(where)
         digest = hashlib.sha256()
-        for p in sorted(Path(tmp).rglob("*")):
+        for p in sorted(where.rglob("*")):
             if p.is_file():
-                digest.update(p.relative_to(tmp).as_posix().encode() + p.read_bytes())
+                digest.update(p.relative_to(where).as_posix().encode() + p.read_bytes())
     return {"seconds": round(seconds, 1), "rss_before_mb": round(before / 1024), "peak_rss_mb": round(peak / 1024),
             "refit_rss_mb": round((peak - before) / 1024), "events": n_events, "sources_sha256": digest.hexdigest()}
 
@@ -86,10 +87,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs of each version, interleaved; medians reported")
     ap.add_argument("--driver-memory", default="4g", help="Spark driver's heap (spark.driver.memory)")
     ap.add_argument("--results", type=Path, default=None, help="write the runs as JSON here")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="save each version's refitted sources under KEEP/<version> (to compare them source by source)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.data, args.model, args.driver_memory)))
+        print(json.dumps(_child(args.data, args.model, args.driver_memory, args.keep)))
         return
 
     versions = dict(v.split("=", 1) for v in args.code)
@@ -99,6 +102,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
             argv = [sys.executable, __file__, "--child", "--data", str(args.data), "--model", str(args.model),
                     "--driver-memory", args.driver_memory]  # fmt: skip
+            if args.keep:
+                argv += ["--keep", str(args.keep / name)]
             print(f"{name} (run {r + 1} of {args.repeats}) ...", file=sys.stderr, flush=True)
             done = subprocess.run(argv, env=env, capture_output=True, text=True)
             if done.returncode != 0:

@@ -65,12 +65,20 @@ def test_sampled_customers_keep_their_events_and_features(spark: object, tiny_wo
             assert list(ds2.users["user_id"]) == list(ds.users["user_id"])  # the same seed, the same customers
 
 
-def test_a_model_trained_on_a_sample_has_its_sources_fitted_on_everyone(spark: object, tiny_world: Path,
-                                                                        tmp_path: Path) -> None:  # fmt: skip
+def test_a_model_trained_on_a_sample_has_its_sources_fitted_on_everyone(
+    spark: object, tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`finrec train --engine spark` learns from a sample, then fits the candidate sources on every customer at the
     end of the whole data: batch scoring, `finrec materialize` and the API take them as they are (a bundle whose
-    sources were the sample's was refused by materialize), and they are what an embedded refit on all gives."""
+    sources were the sample's was refused by materialize), and they are what an embedded refit on all gives.
+
+    The transitions source samples additions by customer row past a cap (300,000; here 40): Spark's rows follow
+    the users table as the embedded engine's do, so both draw the same additions (numbered in another order, the
+    Spark refit of a 1M-customer world fitted other transitions)."""
+    from finrec.candidates import transitions
     from finrec.engine.sample import CustomerSample
+
+    monkeypatch.setattr(transitions, "MAX_ADDITIONS", 40)
 
     sample = CustomerSample(spark, tiny_world, max_customers=500, seed=3)  # type: ignore[arg-type]
     with sample as ds:
@@ -93,5 +101,7 @@ def test_a_model_trained_on_a_sample_has_its_sources_fitted_on_everyone(spark: o
     model.set_sources(snap, model.sources.refit(inter, model.sources.segment_codes(full.users)))
     want = model.source_scores(builder, snap, users)
     assert sorted(got) == sorted(want) and len(got) >= 2
+    (trans,) = [src for src in model.sources.sources if src.kind == "transitions"]
+    assert trans.n_additions_ == 40  # the cap bound: a sample of the additions was drawn
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-9, err_msg=name)

@@ -96,15 +96,19 @@ def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame,
     )  # fmt: skip
     segment = _segments(model.sources.segment_column, model.sources.segment_vocab)
     who = users.join(pairs.select(F.col("u").alias("uid")).distinct(), "uid", "left_semi").mapInArrow(
-        segment, "uid string, seg int"
+        segment, "uid string, place long, seg int"
     )
     try:
         n_pairs = pairs.count()
-        # A customer's number is a salted 64-bit hash of their id: the same wherever Spark computes it (the
-        # customers and the pairs need no join, and a task computed again gives the same numbers). Numbers that
-        # collide (about 1 in 370,000 at 10M customers) are seen on the driver and drawn again with another salt.
+        # A customer is matched to their pairs by a salted 64-bit hash of their id: the same wherever Spark
+        # computes it, so the pairs need no join. Hashes that collide (about 1 in 370,000 at 10M customers) are
+        # seen on the driver and drawn again with another salt. Rows follow the users table's order, as the
+        # embedded engine's do: a source that samples by row (transitions, past 300,000 additions) then draws the
+        # same sample.
         for salt in range(_SALTS):
-            numbered = who.select(F.xxhash64(F.lit(salt), "uid").alias("row"), "seg").persist(StorageLevel.DISK_ONLY)
+            numbered = who.select(F.xxhash64(F.lit(salt), "uid").alias("row"), "place", "seg").persist(
+                StorageLevel.DISK_ONLY
+            )
             try:
                 n_who = numbered.count()
                 pieces = max(1, -(-n_pairs // PAIRS_PER_COLLECT), -(-n_who // USERS_PER_COLLECT))
@@ -112,8 +116,8 @@ def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame,
             finally:
                 numbered.unpersist()
             number = customers.column("row").to_numpy()
-            order = np.argsort(number, kind="stable")
-            number = number[order]
+            by_hash = np.argsort(number, kind="stable")
+            number = number[by_hash]
             if not len(number) or (number[1:] != number[:-1]).all():
                 break
         else:  # pragma: no cover - three collisions of 64-bit hashes in a row
@@ -122,18 +126,25 @@ def sources_at(tables: SparkEventTables, model: TwoStageModel, users: DataFrame,
     finally:
         pairs.unpersist()
     hashed = table.column("row").to_numpy()
-    row = np.minimum(np.searchsorted(number, hashed), max(0, len(number) - 1))
-    orphans = int((number[row] != hashed).sum()) if len(number) else len(hashed)
+    found = np.minimum(np.searchsorted(number, hashed), max(0, len(number) - 1))
+    orphans = int((number[found] != hashed).sum()) if len(number) else len(hashed)
     if orphans:
         raise FinrecError(
             f"{orphans:,} customer-product pairs of positive events name a customer the users table does not hold",
             hint="validate the data (`finrec validate`): every event's user_id must be a customer",
         )
+    order = np.argsort(customers.column("place").to_numpy(), kind="stable")  # rows in the users table's order
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    row = rank[by_hash[found]]
     inter = Interactions.from_pairs(row, table.column("p").to_numpy(), table.column("first").to_numpy(),
                                     table.column("recent").to_numpy(), len(number), len(products), cutoff)  # fmt: skip
     seg = customers.column("seg").to_numpy()[order].astype(np.int64)
     return model.sources.refit(inter, None if model.sources.segment_column is None else seg)
 
+
+#: Bits of a row's number within its file in a customer's place (a file of up to 2^40 rows).
+_ROW_BITS = 40
 
 #: Salts tried for the customers' numbers before giving up (each retry follows a collision of 64-bit hashes).
 _SALTS = 3
@@ -147,8 +158,9 @@ def _collect(df: DataFrame, pieces: int) -> pa.Table:
 
 
 def _segments(column: str | None, vocab: list[str]) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A ``mapInArrow`` function from raw users rows (with ``uid``) to ``uid`` and the segment's code, typed on
-    the worker as the embedded reader types them (-1 unknown; 0 for every row when the sources have no segment)."""
+    """A ``mapInArrow`` function from raw users rows (with ``uid`` and their place in the files) to ``uid``, the
+    place as one number (file rank, then row: the embedded reader's order) and the segment's code, typed on the
+    worker as the embedded reader types it (-1 unknown; 0 for every row when the sources have no segment)."""
 
     def to_codes(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from finrec.candidates.source_set import segment_codes
@@ -160,8 +172,12 @@ def _segments(column: str | None, vocab: list[str]) -> Callable[[Iterator[pa.Rec
             else:
                 typed = typed_users(pa.Table.from_batches([b]).select([n for n in b.schema.names if n != "uid"]))
                 seg = segment_codes(typed, column, vocab).astype(np.int32)
-            yield pa.RecordBatch.from_arrays([b.column(b.schema.get_field_index("uid")), pa.array(seg)],
-                                             names=["uid", "seg"])  # fmt: skip
+            col = b.schema.get_field_index
+            place = (b.column(col("__file")).to_numpy(zero_copy_only=False).astype(np.int64) << _ROW_BITS) + b.column(
+                col("__row")
+            ).to_numpy(zero_copy_only=False).astype(np.int64)
+            yield pa.RecordBatch.from_arrays([b.column(col("uid")), pa.array(place), pa.array(seg)],
+                                             names=["uid", "place", "seg"])  # fmt: skip
 
     return to_codes
 
