@@ -7,7 +7,8 @@ What the driver receives for that grew with the customer base: at 10M customers 
 This compares two versions of finrec's code on the same data and bundle, each in a process of its own with a
 Spark session of its own (local mode): for each, the driver's peak resident memory (``ru_maxrss`` of the Python
 process; the JVM is another process) above what it held before the refit, the refit's wall time, and a digest of
-the refitted sources' files, so that the versions are seen to fit the same sources. The bundle must have been
+the refitted sources' files, so that the versions are seen to fit the same sources. ``--embedded`` adds the
+reference: the same refit on the embedded engine, which holds every event. The bundle must have been
 fitted on other data than ``--data`` (or at another cutoff), else there is nothing to refit and the script says so.
 
 Usage::
@@ -66,6 +67,35 @@ def _child(data: Path, model_dir: Path, driver_memory: str, keep: Path | None) -
     finally:
         tables.close()
         spark.stop()
+    return {"seconds": round(seconds, 1), "rss_before_mb": round(before / 1024), "peak_rss_mb": round(peak / 1024),
+            "refit_rss_mb": round((peak - before) / 1024), "events": n_events,
+            "sources_sha256": _digest(sources, keep)}  # fmt: skip
+
+
+def _child_embedded(data: Path, model_dir: Path, keep: Path | None) -> dict[str, Any]:
+    """The same refit on the embedded engine (the reference): every event in memory, rows in the users table's
+    order, as `finrec recommend` does with a bundle fitted on other data."""
+    from finrec.candidates.interactions import Interactions
+    from finrec.data.dataset import load_dataset
+    from finrec.twostage.model import TwoStageModel
+
+    model = TwoStageModel.load(model_dir)
+    assert model.sources is not None, "the bundle has no candidate sources"
+    ds = load_dataset(data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_products, model.config.grades,
+                                     model.config.min_grade)  # fmt: skip
+    sources = model.sources.refit(inter, model.sources.segment_codes(ds.users))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": round(seconds, 1), "rss_before_mb": round(before / 1024), "peak_rss_mb": round(peak / 1024),
+            "refit_rss_mb": round((peak - before) / 1024), "events": len(ds.events),
+            "sources_sha256": _digest(sources, keep)}  # fmt: skip
+
+
+def _digest(sources: Any, keep: Path | None) -> str:
+    """sha256 of the sources' saved files (saved under ``keep`` when given)."""
     with tempfile.TemporaryDirectory() as tmp:
         where = keep or Path(tmp)
         sources.save(where)
@@ -73,8 +103,7 @@ def _child(data: Path, model_dir: Path, driver_memory: str, keep: Path | None) -
         for p in sorted(where.rglob("*")):
             if p.is_file():
                 digest.update(p.relative_to(where).as_posix().encode() + p.read_bytes())
-    return {"seconds": round(seconds, 1), "rss_before_mb": round(before / 1024), "peak_rss_mb": round(peak / 1024),
-            "refit_rss_mb": round((peak - before) / 1024), "events": n_events, "sources_sha256": digest.hexdigest()}
+        return digest.hexdigest()
 
 
 def main() -> None:
@@ -89,13 +118,21 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=None, help="write the runs as JSON here")
     ap.add_argument("--keep", type=Path, default=None,
                     help="save each version's refitted sources under KEEP/<version> (to compare them source by source)")
+    ap.add_argument("--embedded", action="store_true",
+                    help="also refit on the embedded engine with this checkout (the reference: every event in "
+                    "memory); reported as the version 'embedded'")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.data, args.model, args.driver_memory, args.keep)))
+        if args.embedded:
+            print(json.dumps(_child_embedded(args.data, args.model, args.keep)))
+        else:
+            print(json.dumps(_child(args.data, args.model, args.driver_memory, args.keep)))
         return
 
     versions = dict(v.split("=", 1) for v in args.code)
+    if args.embedded:
+        versions["embedded"] = str(Path(__file__).resolve().parent.parent / "src")
     runs: list[dict[str, Any]] = []
     for r in range(args.repeats):
         for name, src in versions.items():
@@ -104,6 +141,8 @@ def main() -> None:
                     "--driver-memory", args.driver_memory]  # fmt: skip
             if args.keep:
                 argv += ["--keep", str(args.keep / name)]
+            if name == "embedded":
+                argv.append("--embedded")
             print(f"{name} (run {r + 1} of {args.repeats}) ...", file=sys.stderr, flush=True)
             done = subprocess.run(argv, env=env, capture_output=True, text=True)
             if done.returncode != 0:
