@@ -158,8 +158,11 @@ def main() -> None:
               f"| {statistics.median(x['peak_rss_mb'] for x in mine):,} MB "
               f"| {statistics.median(x['refit_rss_mb'] for x in mine):,} MB "
               f"| {mine[0]['sources_sha256'][:12]} |")  # fmt: skip
-    digests = {x["sources_sha256"] for x in runs}
-    print(f"\nsame sources from every version: {len(digests) == 1}")
+    groups: dict[str, list[str]] = {}
+    for x in runs:
+        if x["version"] not in groups.setdefault(x["sources_sha256"], []):
+            groups[x["sources_sha256"]].append(x["version"])
+    print("\nversions that fitted the same sources, bit for bit: " + "; ".join(" = ".join(g) for g in groups.values()))
     if args.results:
         args.results.write_text(json.dumps({
             "date": datetime.now(UTC).date().isoformat(),
